@@ -1,0 +1,466 @@
+"""
+Datasets, prompts and answers for visurf.
+
+A sample is a plain dict:
+    task      "detection" | "classification" | "grounding"
+    id        where it came from, for error messages ("file.jsonl: record 3")
+    image     a path (opened lazily) or a PIL image (synthetic data)
+    size      (width, height) of the image after EXIF orientation
+    answer    ground truth in ORIGINAL-IMAGE PIXELS: a list of [x1, y1, x2, y2] boxes
+              (empty: "No Objects"), one box, or a label string
+    raw       the dataset's own answer string (used when rule 1 is ablated)
+    query     the category (detection), the referring expression (grounding), the
+              question (classification)
+    plus      classes (classification), image_id / category_id (COCO, for COCOeval),
+              problem (Visual-RFT records: their own question text)
+
+Boxes are converted to and from the model's convention in one place,
+`to_model` / `to_pixels`: Qwen2-VL writes 0..1000 of the original width and height,
+Qwen2.5-VL writes pixels of the image its processor resized.
+"""
+import collections
+import contextlib
+import io
+import json
+import math
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageOps
+
+import rewards
+
+MAX_PIXELS, MIN_PIXELS = 401408, 3136  # 512*28*28 (Visual-RFT), 56*56 (processor default)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# The style the ground truth is rendered in (rule 1) and the prompt shows.
+THINK = ("Output the thinking process in <think> </think> and the final answer in "
+         "<answer> </answer> tags, i.e., <think> reasoning here </think><answer>{example}</answer>")
+COORDS = {"qwen2_vl": "integers from 0 to 1000, relative to the image width and height",
+          "qwen2_5_vl": "integer pixel coordinates"}
+
+Convention = collections.namedtuple("Convention", "family min_pixels max_pixels")
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file, the record and the problem."""
+
+
+# ----------------------------------------------------------------------------
+# Coordinates: the one place where pixels meet the model's convention
+
+def box_scale(size, conv):
+    """(sx, sy) with model_coordinate = pixel * s."""
+    w, h = size
+    if conv.family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=conv.min_pixels, max_pixels=conv.max_pixels)
+        return rw / w, rh / h
+    return 1000.0 / w, 1000.0 / h
+
+
+def to_model(box, size, conv):
+    sx, sy = box_scale(size, conv)
+    return [round(v * s) for v, s in zip(box, (sx, sy, sx, sy))]
+
+
+def to_pixels(box, size, conv):
+    sx, sy = box_scale(size, conv)
+    return [v / s for v, s in zip(box, (sx, sy, sx, sy))]
+
+
+def model_answer(sample, conv):
+    """The ground truth in the model's convention: what rewards.score compares against."""
+    a, size = sample["answer"], sample["size"]
+    if sample["task"] == "detection":
+        return [to_model(b, size, conv) for b in a]
+    if sample["task"] == "grounding":
+        return to_model(a, size, conv)
+    return a
+
+
+# ----------------------------------------------------------------------------
+# Prompts and answers
+
+def format_answer(task, value, confidences=None):
+    """The text inside <answer></answer>. The prompt's example and the ground truth
+    (rule 1) both come from here, so they share keys, quotes and spacing."""
+    if task == "detection":
+        if not value:
+            return "No Objects"
+        confidences = confidences or [1.0] * len(value)
+        return "[" + ", ".join(
+            '{"Position": [%s], "Confidence": %s}' % (", ".join(str(v) for v in box),
+                                                      c if isinstance(c, str) else f"{c:.2f}")
+            for box, c in zip(value, confidences)) + "]"
+    if task == "grounding":
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def gt_completion(sample, conv, align=True):
+    """Rule 1: the label written the way a rollout writes its answer. With the rule
+    off, the dataset's own answer string."""
+    if not align:
+        return sample["raw"]
+    return "<answer>" + format_answer(sample["task"], model_answer(sample, conv)) + "</answer>"
+
+
+def prompt_text(sample, conv):
+    task, coords = sample["task"], COORDS[conv.family]
+    if task == "detection":
+        example = format_answer(task, [["x1", "y1", "x2", "y2"]], ["0.90"])
+        ask = sample.get("problem") or (
+            f"Detect every {sample['query']} in the image. Give each as a bounding box "
+            f"[x1, y1, x2, y2] in {coords}, with a confidence from 0 to 1 with two decimals. "
+            f"If there is no {sample['query']}, answer No Objects.")
+    elif task == "grounding":
+        example = format_answer(task, ["x1", "y1", "x2", "y2"])
+        ask = sample.get("problem") or (
+            f"Locate {sample['query']} and give its bounding box [x1, y1, x2, y2] in {coords}.")
+    else:
+        example = "label"
+        classes = sample.get("classes") or []
+        ask = sample.get("problem") or sample["query"]
+        if 0 < len(classes) <= 30:  # longer lists cost more prompt than they help
+            ask += " Answer with one of: " + ", ".join(classes) + "."
+    return ask + " " + THINK.format(example=example)
+
+
+def messages(sample, conv):
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": prompt_text(sample, conv)}]}]
+
+
+def open_image(sample):
+    """RGB, EXIF orientation applied. Paths are opened only when needed."""
+    img = sample["image"]
+    if isinstance(img, Image.Image):
+        return img
+    with Image.open(img) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+# ----------------------------------------------------------------------------
+# The built-in synthetic task: coloured shapes on a noisy background
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+           "yellow": (230, 210, 40), "purple": (150, 50, 190), "white": (245, 245, 245)}
+
+
+def _draw(rng, size, shapes, shift):
+    """shapes: [(colour, box)]; shift draws circles on a brighter, noisier background."""
+    w, h = size
+    base, noise = (160, 40) if shift else (110, 20)
+    px = np.clip(rng.normal(base, noise, (h, w, 3)), 0, 255)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for colour, (x1, y1, x2, y2) in shapes:
+        if shift:
+            cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2
+            inside = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= r * r
+        else:
+            inside = (xx >= x1) & (xx < x2) & (yy >= y1) & (yy < y2)
+        px[inside] = COLOURS[colour]
+    return Image.fromarray(px.astype(np.uint8))
+
+
+def _place(rng, size, n, lo, hi):
+    """n non-overlapping squares inside the image."""
+    boxes = []
+    while len(boxes) < n:
+        s = int(rng.integers(lo, hi + 1))
+        x, y = int(rng.integers(0, size[0] - s + 1)), int(rng.integers(0, size[1] - s + 1))
+        b = [x, y, x + s, y + s]
+        if all(b[2] <= o[0] or o[2] <= b[0] or b[3] <= o[1] or o[3] <= b[1] for o in boxes):
+            boxes.append(b)
+    return boxes
+
+
+def synthetic(task, n, seed, split="train", shift=False):
+    """n deterministic samples. Train and eval draw from disjoint seeds; `shift` is an
+    out-of-distribution variant (circles, other background) for generalisation tests."""
+    rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], int(shift)])
+    names, out = list(COLOURS), []
+    for i in range(n):
+        s = {"task": task, "id": f"synthetic {split}: record {i}", "raw": None}
+        if task == "classification":
+            size, colour = (56, 56), names[i % len(names)]  # balanced classes
+            shapes = [(colour, _place(rng, size, 1, 20, 40)[0])]
+            s.update(answer=colour, query="What colour is the shape?", classes=names)
+        else:
+            size = (112, 112)
+            k = int(rng.integers(1, 4))
+            shapes = list(zip(rng.choice(names, k, replace=False).tolist(), _place(rng, size, k, 20, 40)))
+            if task == "detection":
+                present = i % 4 != 3  # every fourth prompt asks for an absent colour
+                absent = [c for c in names if c not in dict(shapes)]
+                target = shapes[int(rng.integers(k))][0] if present else absent[int(rng.integers(len(absent)))]
+                s.update(answer=[b for c, b in shapes if c == target], query=f"{target} shape",
+                         image_id=i, category_id=names.index(target) + 1)
+            else:
+                target, box = shapes[int(rng.integers(k))]
+                s.update(answer=box, query=f"the {target} shape")
+        s.update(image=_draw(rng, size, shapes, shift), size=size)
+        s["raw"] = s["answer"] if task == "classification" else json.dumps(s["answer"])
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Loading real data: every record is checked when loaded
+
+def _image_size(path):
+    """(w, h) after EXIF rotation, reading only the header."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return w, h
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}")
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e.__class__.__name__}")
+
+
+def _check_box(box, size):
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise DataError(f"box {box!r} is not four numbers [x1, y1, x2, y2]")
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise DataError(f"box {list(box)} is degenerate (needs x2 > x1 and y2 > y1)")
+    w, h = size
+    if x1 < -1 or y1 < -1 or x2 > w + 1 or y2 > h + 1:  # one pixel of rounding slack
+        raise DataError(f"box {list(box)} lies outside the {w}x{h} image")
+    return [max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)]
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: line {getattr(e, 'lineno', '?')}: malformed JSON ({getattr(e, 'msg', e)})")
+
+
+def _read_records(path, data=None):
+    """JSON list (already parsed as `data`, if given) or JSONL -> [(where, record)]."""
+    if path.endswith(".jsonl"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
+        out = []
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    out.append((f"{path}: line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: malformed JSON ({e.msg})")
+        return out
+    data = _read_json(path) if data is None else data
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records or a COCO/LVIS instances file")
+    return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
+
+
+def _parse_solution(solution, size):
+    """A Visual-RFT solution ('<answer>...</answer>', boxes in 0..1000) -> (task, pixel answer)."""
+    text = rewards.extract_answer(solution)
+    text = solution.strip() if text is None else text
+    w, h = size
+    to_px = lambda b: [b[0] * w / 1000, b[1] * h / 1000, b[2] * w / 1000, b[3] * h / 1000]
+    boxes, _, no_objects = rewards.parse_detections(text)
+    if boxes or no_objects:
+        return "detection", [_check_box(to_px(b), size) for b in boxes]
+    box = rewards.parse_box(text)
+    if box is not None:
+        return "grounding", _check_box(to_px(box), size)
+    if not text:
+        raise DataError("empty solution")
+    return "classification", text
+
+
+def _record(where, r, root, classes):
+    """One {image, ...} record -> sample."""
+    if not isinstance(r, dict) or "image" not in r:
+        raise DataError("not a record with an 'image' field")
+    path = os.path.join(root, str(r["image"]))
+    size = _image_size(path)
+    s = {"id": where, "image": path, "size": size}
+    if "solution" in r:  # Visual-RFT: {image, problem, solution}
+        task, answer = _parse_solution(str(r["solution"]), size)
+        s.update(task=task, answer=answer, raw=str(r["solution"]), problem=str(r.get("problem", "")),
+                 query=str(r.get("problem", "")))
+    elif "bbox" in r:  # grounding: {image, expression, bbox}
+        if not isinstance(r.get("expression"), str) or not r["expression"].strip():
+            raise DataError("missing 'expression'")
+        s.update(task="grounding", answer=_check_box(r["bbox"], size), query=r["expression"].strip(),
+                 raw=json.dumps(r["bbox"]))
+    elif "label" in r:  # classification: {image, label}
+        label = str(r["label"])
+        if classes is not None and label not in classes:
+            raise DataError(f"label {label!r} is not in the class list")
+        s.update(task="classification", answer=label, raw=label,
+                 query="What is the category of the main object in the image?")
+    else:
+        raise DataError("record needs 'solution', 'bbox' or 'label'")
+    return s
+
+
+def _guard(where, fn, skip_bad, skipped):
+    """Run fn(); a DataError names `where` and either stops or, with --skip-bad, warns."""
+    try:
+        return fn()
+    except DataError as e:
+        msg = f"{where}: {e}"
+        if not skip_bad:
+            raise DataError(msg)
+        print(f"warning: skipped {msg}")
+        skipped.append(msg)
+        return None
+
+
+def _few_shot(samples, key, shots, seed):
+    """Keep `shots` samples per key(sample), chosen deterministically from the seed."""
+    groups = collections.defaultdict(list)
+    for s in samples:
+        groups[key(s)].append(s)
+    out = []
+    for k in sorted(groups):
+        g = groups[k]
+        random.Random(f"{seed}:{k}").shuffle(g)
+        out += g[:shots]
+    return out
+
+
+def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, seed=0,
+              skip_bad=False, split="train"):
+    """COCO or LVIS instances JSON -> detection prompts, one per (image, category).
+
+    train: `shots` images per category (all if None), plus round(negatives * #prompts)
+           "No Objects" prompts for selected categories absent from a selected image.
+    eval:  every image holding a selected category, asked about every selected category.
+    """
+    from pycocotools.coco import COCO
+    skipped = []
+    if not (isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data)):
+        raise DataError(f"{path}: not a COCO/LVIS instances file (needs images, annotations, categories)")
+    for a in data["annotations"]:  # LVIS has no iscrowd; COCOeval wants it
+        a.setdefault("iscrowd", 0)
+        if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4:
+            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    by_name = {c["name"]: c["id"] for c in data["categories"]}
+    names = [n.strip() for n in categories.split(",")] if categories else sorted(by_name, key=by_name.get)
+    for n in names:
+        if n not in by_name:
+            raise DataError(f"{path}: unknown category {n!r} in --categories")
+    cat_ids = [by_name[n] for n in names]
+
+    img_info, boxes = {}, {}
+    for img_id in sorted(coco.imgs):
+        info = coco.imgs[img_id]
+        where = f"{path}: image id {img_id}"
+        fname = info.get("file_name") or os.path.basename(info.get("coco_url", ""))
+
+        def check_image():
+            p = os.path.join(images, fname)
+            size = _image_size(p)
+            got = {}
+            for a in coco.imgToAnns.get(img_id, []):
+                if a["category_id"] in cat_ids and not a.get("iscrowd"):
+                    b = a.get("bbox")
+                    xyxy = [b[0], b[1], b[0] + b[2], b[1] + b[3]] if isinstance(b, list) and len(b) == 4 else b
+                    try:
+                        got.setdefault(a["category_id"], []).append(_check_box(xyxy, size))
+                    except DataError as e:
+                        raise DataError(f"annotation id {a.get('id')}: {e}")
+            return p, size, got
+
+        if not any(a["category_id"] in cat_ids for a in coco.imgToAnns.get(img_id, [])):
+            continue  # images without a selected category are never opened
+        r = _guard(where, check_image, skip_bad, skipped)
+        if r is not None:
+            img_info[img_id] = r[:2]
+            boxes[img_id] = r[2]
+
+    def sample(img_id, cat_id):
+        p, size = img_info[img_id]
+        answer = boxes[img_id].get(cat_id, [])
+        name = coco.cats[cat_id]["name"]
+        return {"task": "detection", "id": f"{path}: image id {img_id}", "image": p, "size": size,
+                "answer": answer, "raw": json.dumps(answer), "query": name.replace("_", " "),
+                "image_id": img_id, "category_id": cat_id}
+
+    if split == "eval":
+        out = [sample(i, c) for i in img_info for c in cat_ids]
+    else:
+        pos = [sample(i, c) for i in img_info for c in cat_ids if c in boxes[i]]
+        if shots:
+            pos = _few_shot(pos, lambda s: s["category_id"], shots, seed)
+        absent = sorted({(s["image_id"], c) for s in pos for c in cat_ids if c not in boxes[s["image_id"]]})
+        random.Random(f"{seed}:negatives").shuffle(absent)
+        out = pos + [sample(i, c) for i, c in absent[:round(negatives * len(pos))]]
+    return _finish(out, path, skipped, coco=coco, category_ids=cat_ids)
+
+
+def load_classification_folder(path, shots=None, seed=0):
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    records = [(f"{path}: {c}/{f}", {"image": os.path.join(c, f), "label": c})
+               for c in classes for f in sorted(os.listdir(os.path.join(path, c)))
+               if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return records, classes
+
+
+def load(path, images=None, categories=None, shots=None, negatives=0.0, seed=0, skip_bad=False,
+         split="train"):
+    """Any supported dataset -> (samples, info). `info` has task, classes, coco, category_ids."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        records, classes = load_classification_folder(path)
+        root = path
+    else:
+        data = _read_json(path) if path.endswith(".json") else None
+        if isinstance(data, dict):
+            return load_coco(path, data, images or os.path.dirname(path), categories, shots,
+                             negatives, seed, skip_bad, split)
+        records, classes = _read_records(path, data), None
+        root = images or os.path.dirname(os.path.abspath(path))
+    if categories:  # for classification: the class list every label must be in
+        classes = [c.strip() for c in categories.split(",")]
+    skipped, out = [], []
+    for where, r in records:
+        s = _guard(where, lambda: _record(where, r, root, classes), skip_bad, skipped)
+        if s is not None:
+            out.append(s)
+    tasks = {s["task"] for s in out}
+    if len(tasks) > 1:
+        raise DataError(f"{path}: records mix tasks {sorted(tasks)}; use one task per file")
+    if tasks == {"classification"}:
+        classes = classes or sorted({s["answer"] for s in out})
+        for s in out:
+            s["classes"] = classes
+        if shots:
+            out = _few_shot(out, lambda s: s["answer"], shots, seed)
+    return _finish(out, path, skipped, classes=classes)
+
+
+def _finish(samples, path, skipped, **info):
+    if not samples:
+        raise DataError(f"{path}: no samples left after filtering" +
+                        (f" ({len(skipped)} bad records skipped)" if skipped else ""))
+    if skipped:
+        print(f"warning: {path}: skipped {len(skipped)} bad records")
+    info.update(task=samples[0]["task"], skipped=len(skipped))
+    info.setdefault("classes", samples[0].get("classes"))
+    return samples, info

@@ -1,0 +1,195 @@
+"""
+Verifiable rewards for visual RL, after Visual-RFT (arXiv 2503.01785), hardened.
+
+    score(task, completion, answer) -> {"think": .., <accuracy parts>: ..}
+
+Every component lies in [0, 1]; the total reward is their sum. `answer` is the
+structured ground truth in the same coordinate convention as the completion
+(conversion lives in data.py). Whatever string the model writes, `score` returns
+finite, in-range numbers and never raises.
+
+Where these differ from Visual-RFT's released code, and why:
+- The answer must sit inside <answer>...</answer>; the first block is scored.
+- Classification is an exact match after normalisation. The released code also
+  accepted substrings in either direction, so "" or "a" scored 1.0.
+- No math-verify pre-check: it gave 1.0 when some number happened to match.
+- Detection with no ground-truth boxes: a "No Objects" answer scores full marks and
+  any box scores 0. The released code gave negatives no accuracy credit at all.
+- Parsing is by pattern, not eval/json: single quotes, [[...]], keys in any case,
+  answers over several lines and a list cut off mid-item all parse; NaN/inf
+  confidences are clamped to [0, 1] instead of turning the reward into NaN.
+- Grounding uses plain IoU; `giou=True` gives (GIoU + 1) / 2, the released code's
+  GIoU + 1 rescaled to stay in [0, 1].
+"""
+import math
+import re
+
+MAX_BOXES = 100  # like COCO's maxDets; also bounds the work on a runaway completion
+IOU_MATCH = 0.5
+
+_FORMAT = re.compile(
+    r"\s*<think>((?:(?!</?(?:think|answer)>).)*)</think>\s*"
+    r"<answer>((?:(?!</?(?:think|answer)>).)*)</answer>\s*", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_NUM = r"""["']?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf(?:inity)?)\s*["']?"""
+_BOX = re.compile(r"\[+\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]+", re.I)
+_POSITION = re.compile(r"""["']?position["']?\s*:\s*(\[+[^\]]*\]+)""", re.I)
+_CONFIDENCE = re.compile(r"""["']?confidence["']?\s*:\s*""" + _NUM, re.I)
+
+
+def think_reward(completion):
+    """1 if the whole completion is <think>...</think> then <answer>...</answer>."""
+    return 1.0 if _FORMAT.fullmatch(completion) else 0.0
+
+
+def extract_answer(completion):
+    """Content of the first <answer> block, stripped; None if there is none."""
+    m = _ANSWER.search(completion)
+    return m.group(1).strip() if m else None
+
+
+def _number(s):
+    try:
+        return float(s)
+    except ValueError:
+        return float("nan")
+
+
+def parse_box(text):
+    """First [x1, y1, x2, y2] in `text` as floats, or None. Non-finite values -> None."""
+    m = _BOX.search(text)
+    if not m:
+        return None
+    box = [_number(g) for g in m.groups()]
+    return box if all(math.isfinite(v) for v in box) else None
+
+
+def parse_detections(text):
+    """-> (boxes, confidences, said_no_objects), highest confidence first.
+
+    Items are the pieces between '{'s: an item cut off before its '}' is dropped,
+    which repairs a list truncated mid-item. A missing confidence counts as 0.5
+    (neutral); NaN and out-of-range ones are clamped into [0, 1].
+    """
+    items = []
+    for chunk in text.split("{")[1:]:
+        if "}" not in chunk:
+            continue
+        chunk = chunk[:chunk.index("}")]
+        pos = _POSITION.search(chunk)
+        box = parse_box(pos.group(1)) if pos else None
+        if box is None:
+            continue
+        conf = _CONFIDENCE.search(chunk)
+        c = _number(conf.group(1)) if conf else 0.5
+        c = 0.0 if math.isnan(c) else min(max(c, 0.0), 1.0)
+        items.append((c, box))
+        if len(items) >= MAX_BOXES * 4:
+            break
+    items.sort(key=lambda cb: -cb[0])  # stable: ties keep the model's order
+    seen, boxes, confs = set(), [], []
+    for c, box in items:
+        if tuple(box) not in seen:  # exact duplicates count once
+            seen.add(tuple(box))
+            boxes.append(box)
+            confs.append(c)
+    boxes, confs = boxes[:MAX_BOXES], confs[:MAX_BOXES]
+    no_objects = not boxes and re.sub(r"[^a-z]", "", text.lower()) == "noobjects"
+    return boxes, confs, no_objects
+
+
+def _area(b):
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def _inter_union(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter, _area(a) + _area(b) - inter
+
+
+def iou(a, b):
+    """IoU of two [x1, y1, x2, y2] boxes; a box with x2 < x1 or y2 < y1 has no area."""
+    inter, union = _inter_union(a, b)
+    return inter / union if union > 0 else 0.0
+
+
+def giou(a, b):
+    """Generalised IoU, in [-1, 1]."""
+    inter, union = _inter_union(a, b)
+    hull = _area([min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])])
+    if hull <= 0 or union <= 0:
+        return -1.0
+    return inter / union - (hull - union) / hull
+
+
+def match_boxes(pred, gt):
+    """Greedy matching in the given (confidence) order: each prediction takes the
+    unmatched GT box of highest IoU; it counts only above IOU_MATCH.
+    Returns one IoU per prediction (0 when unmatched)."""
+    free, ious = set(range(len(gt))), []
+    for p in pred:
+        best, best_iou = None, 0.0
+        for g in free:
+            v = iou(p, gt[g])
+            if v > best_iou:
+                best, best_iou = g, v
+        if best is not None and best_iou > IOU_MATCH:
+            free.discard(best)
+            ious.append(best_iou)
+        else:
+            ious.append(0.0)
+    return ious
+
+
+def detection_reward(text, gt):
+    """-> (iou reward, confidence reward) for a detection answer."""
+    if text is None:
+        return 0.0, 0.0
+    boxes, confs, no_objects = parse_detections(text)
+    if not gt:  # a negative prompt: only "No Objects" is right
+        return (1.0, 1.0) if no_objects else (0.0, 0.0)
+    if not boxes:
+        return 0.0, 0.0
+    ious = match_boxes(boxes, gt)
+    iou_r = sum(ious) / max(len(gt), len(boxes))
+    conf_r = sum(c if v > 0 else 1.0 - c for c, v in zip(confs, ious)) / len(boxes)
+    return iou_r, conf_r
+
+
+def normalise_label(s):
+    """Lower-case, keep letters and digits only: 'Fire_Hydrant.' -> 'firehydrant'."""
+    return "".join(ch for ch in s.lower() if ch.isalnum())
+
+
+def classification_reward(text, label):
+    if text is None:
+        return 0.0
+    got = normalise_label(text)
+    return 1.0 if got and got == normalise_label(label) else 0.0
+
+
+def grounding_reward(text, gt, use_giou=False):
+    box = parse_box(text) if text is not None else None
+    if box is None:
+        return 0.0
+    return (giou(box, gt) + 1.0) / 2.0 if use_giou else iou(box, gt)
+
+
+def score(task, completion, answer, giou=False):
+    """Named reward components for one completion, each in [0, 1]."""
+    if not isinstance(completion, str):
+        completion = ""
+    parts = {"think": think_reward(completion)}
+    text = extract_answer(completion)
+    if task == "detection":
+        parts["iou"], parts["confidence"] = detection_reward(text, answer)
+    elif task == "classification":
+        parts["accuracy"] = classification_reward(text, answer)
+    elif task == "grounding":
+        parts["iou"] = grounding_reward(text, answer, giou)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    # a belt to the braces above: no reward leaves [0, 1], whatever slipped through
+    return {k: min(max(v, 0.0), 1.0) if math.isfinite(v) else 0.0 for k, v in parts.items()}

@@ -1,0 +1,715 @@
+"""
+visurf: ViSurf (Visual Supervised-and-Reinforcement Fine-Tuning, arXiv 2510.10606)
+for Qwen2-VL and Qwen2.5-VL, in one file, with the verifiable rewards of Visual-RFT.
+
+One ViSurf step, in the order this file follows:
+  1. sample G completions per prompt (image + question) from the policy;
+  2. append the ground-truth answer as member G+1 of the group;
+  3. score every member with rewards.py;
+  4. control the label's reward: aligned style (rule 1), no thinking reward (rule 2),
+     smoothed once the rollouts match it (rule 3);
+  5. normalise advantages over the G+1 rewards;
+  6. one clipped policy-gradient step on all G+1 sequences.
+--mode grpo drops the label (plain RLVR); --mode sft trains on the label alone.
+
+    python visurf.py                       # tiny random Qwen2-VL on a synthetic task, CPU
+    python visurf.py --model Qwen/Qwen2-VL-2B-Instruct --data train.jsonl --output-dir runs/x
+    python visurf.py --eval --model runs/x/checkpoint --data val.json --images val2017
+
+What is simplified, on purpose:
+- one process on one device: no vLLM, no DeepSpeed, no multi-GPU;
+- the ratio is per token, as in GRPO; with one update per batch (--ppo-epochs 1) it
+  is exactly 1, so pi_old is the detached policy and no extra forward pass is made;
+- KL against a frozen copy (k3 estimator) only when --beta > 0; ViSurf uses none;
+- each image goes through the vision tower once per step, however many sequences
+  share it; the processor is image-only, so torchvision is never needed.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import data
+import rewards
+
+RULES = ("align", "think", "smooth")
+TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4, max_new_tokens=8)
+REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# The math of one group (pure functions; test_visurf.py checks them by hand)
+
+def smooth_gt_reward(rollout_rewards, gt_reward):
+    """Rule 3: once some rollout scores at least as well as the label, the label's
+    reward becomes the rollouts' mean, so its advantage is ~0 and supervision fades."""
+    if max(rollout_rewards) >= gt_reward:
+        return float(sum(rollout_rewards) / len(rollout_rewards))
+    return float(gt_reward)
+
+
+def gt_reward(parts, rollout_rewards, ablate=()):
+    """Rules 2 and 3 for the label's reward components. -> (reward, rule 3 fired)."""
+    # rule 2: the label carries no reasoning, so it earns no thinking reward; with the
+    # rule off it is credited as if it had reasoned
+    r = sum(v for k, v in parts.items() if k != "think") + (1.0 if "think" in ablate else 0.0)
+    if "smooth" in ablate or not rollout_rewards:
+        return r, False
+    return smooth_gt_reward(rollout_rewards, r), max(rollout_rewards) >= r
+
+
+def group_advantages(rewards_):
+    """(r - mean) / (std + 1e-6) over one group (label last, when present); torch's
+    default (unbiased) std. A group whose rewards are all equal contributes nothing."""
+    r = torch.as_tensor(rewards_, dtype=torch.float64)
+    if r.numel() < 2 or r.max() == r.min():
+        return torch.zeros_like(r, dtype=torch.float32)
+    return ((r - r.mean()) / (r.std() + 1e-6)).float()
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_eps, denom, ref_logp=None, beta=0.0):
+    """Clipped policy-gradient loss summed over completion tokens, divided by `denom`
+    (sequences: the paper's -1/(G+1) sum of sequence terms; tokens: DAPO/TRL's mean)."""
+    ratio = torch.exp(logp - old_logp)                                  # [N, T]
+    a = adv[:, None]                                                    # [N, 1]
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    if beta > 0:  # k3 estimate of KL(pi || pi_ref), always >= 0
+        d = ref_logp - logp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)
+    return (per_token * mask).sum() / denom
+
+
+def sft_loss(logp, mask, denom):
+    return -(logp * mask).sum() / denom
+
+
+# -----------------------------------------------------------------------------
+# Models: the tiny random Qwen2-VL, or any Qwen2-VL / Qwen2.5-VL checkpoint
+
+# Qwen2-VL's own chat template (image part), used by the tiny model and as a fallback.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def image_processor_class():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    return Qwen2VLImageProcessorPil
+
+
+def make_processor(image_processor, tokenizer):
+    """Qwen2VLProcessor without its video half, which would need torchvision."""
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+        Qwen2VLProcessor.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+
+    ImageOnly = type("Qwen2VLProcessor", (Qwen2VLProcessor,), {"__init__": init})
+    tokenizer.padding_side = "left"  # prompts are left-padded for generation
+    return ImageOnly(image_processor, tokenizer, chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+
+
+def build_tiny(seed):
+    """A random Qwen2-VL (~0.3M parameters) with a BPE tokenizer trained on the
+    synthetic task's text, Qwen2-VL's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    conv = data.Convention("qwen2_vl", data.MIN_PIXELS, data.MAX_PIXELS)
+    corpus = [data.prompt_text(s, conv) + " " + data.gt_completion(s, conv)
+              for task in ("classification", "detection", "grounding") for s in data.synthetic(task, 60, 0)]
+    corpus += ["No Objects", " ".join(str(i) for i in range(1001)), "You are a helpful assistant."]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         bos_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
+        # the vision width must equal the text width (SPEC §6)
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    return model, tok, image_processor_class()()
+
+
+def load_model(name, args):
+    """-> (model, processor, coordinate convention). After this, tiny and real share every line."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    if name == "tiny":
+        model, tok, improc = build_tiny(args.seed)
+    else:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(name)
+            improc = image_processor_class().from_pretrained(name)
+        except (OSError, ValueError, KeyError) as e:
+            die(f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    family = model.config.model_type
+    if family not in data.COORDS:
+        die(f"{name}: model type {family!r} is not Qwen2-VL or Qwen2.5-VL")
+    improc.size["shortest_edge"], improc.size["longest_edge"] = args.min_pixels, args.max_pixels
+    processor = make_processor(improc, tok)
+    return model, processor, data.Convention(family, args.min_pixels, args.max_pixels)
+
+
+# -----------------------------------------------------------------------------
+# Batches: prompts, rollouts, and the (prompt + completion) sequences trained on
+
+def encode_prompts(processor, samples, conv, device):
+    """Left-padded prompts with their images. pixel_values is [sum of patches, 1176]."""
+    texts = [processor.apply_chat_template(data.messages(s, conv), add_generation_prompt=True, tokenize=False)
+             for s in samples]
+    batch = processor(text=texts, images=[data.open_image(s) for s in samples], return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def select_prompts(prompts, idx):
+    """Prompt rows `idx` (repeats allowed), moving each image's block of patch rows along."""
+    counts = prompts["image_grid_thw"].prod(-1).tolist()
+    blocks = prompts["pixel_values"].split(counts)
+    out = {k: prompts[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    out["pixel_values"] = torch.cat([blocks[i] for i in idx.tolist()])
+    return out
+
+
+def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
+    """n completions per prompt in one generate call. -> [B*n, T] token ids."""
+    from transformers import GenerationConfig
+    tok = processor.tokenizer
+    # set every sampling knob: a checkpoint's generation_config (Qwen2-VL ships top_k=1)
+    # would otherwise make all G samples identical and the loss sit at 0
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                              # a young model samples vision tokens, which break the next forward
+                              suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+    idx = torch.arange(prompts["input_ids"].shape[0], device=prompts["input_ids"].device).repeat_interleave(n)
+    out = model.generate(**select_prompts(prompts, idx), generation_config=config)
+    return out[:, prompts["input_ids"].shape[1]:]
+
+
+def trim(ids, eos):
+    """Token lists up to and including the first end-of-turn token."""
+    out = []
+    for row in ids.tolist():
+        out.append(row[:row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def token_logprobs(model, prompts, completions, per_prompt):
+    """log pi(token) at every completion position. completions: N token lists, the
+    first per_prompt belonging to prompt 0, and so on. -> ([N, T] log-probs, [N, T] mask)."""
+    device, pad = prompts["input_ids"].device, model.config.text_config.pad_token_id
+    B = prompts["input_ids"].shape[0]
+    T = max(len(c) for c in completions)
+    comp = torch.full((len(completions), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(completions), T))
+    for i, c in enumerate(completions):
+        comp[i, :len(c)], mask[i, :len(c)] = torch.tensor(c), 1.0
+    comp, mask = comp.to(device), mask.to(device)
+    idx = torch.arange(B, device=device).repeat_interleave(per_prompt)
+    # the vision tower runs once per image, not once per sequence
+    feats = model.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"]).pooler_output
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    feats = BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in idx.tolist()))
+    hidden = model.model(
+        input_ids=torch.cat([prompts["input_ids"][idx], comp], 1),                       # [N, P+T]
+        attention_mask=torch.cat([prompts["attention_mask"][idx], mask.long()], 1),
+        mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"][idx], torch.zeros_like(comp)], 1),
+        image_grid_thw=prompts["image_grid_thw"][idx], mm_encoder_outputs={"image": feats},
+        use_cache=False).last_hidden_state
+    hidden = hidden[:, -T - 1:-1]                        # [N, T, H]: the states that predict the completion
+    return chunked_logprobs(model.lm_head, hidden, comp), mask
+
+
+def chunked_logprobs(lm_head, hidden, targets, rows=4):
+    """log_softmax(lm_head(hidden))[targets], a few rows at a time and recomputed in the
+    backward pass, so no [N, T, vocab] fp32 tensor is ever alive."""
+    def piece(h, t):
+        logits = lm_head(h).float()                      # [n, T, V]
+        return logits.gather(-1, t[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    out = []
+    for i in range(0, hidden.shape[0], rows):
+        h, t = hidden[i:i + rows], targets[i:i + rows]
+        out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
+    return torch.cat(out)                                # [N, T]
+
+
+# -----------------------------------------------------------------------------
+# One training step
+
+def make_groups(model, processor, samples, conv, args):
+    """Steps 1-5: rollouts, the label as member G+1, rewards, the three rules, advantages.
+    -> (prompts, completions [N token lists], advantages [N], per_prompt, stats)"""
+    tok, device = processor.tokenizer, model.device
+    prompts = encode_prompts(processor, samples, conv, device)
+    eos, G = tok.eos_token_id, args.group_size
+    labels = [tok(data.gt_completion(s, conv, align="align" not in args.ablate),
+                  add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+    stats = {"t_generate": 0.0, "gen_tokens": 0}
+    if args.mode == "sft":
+        return prompts, labels, torch.ones(len(samples)), 1, stats
+    t = time.time()
+    with torch.no_grad(), autocast(device):
+        rollouts = trim(generate(model, processor, prompts, G, args.max_new_tokens), eos)
+    stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
+    t = time.time()
+    completions, advantages, r_all, r_gt, fired, a_gt = [], [], [], [], [], []
+    for b, s in enumerate(samples):
+        answer = data.model_answer(s, conv)
+        group = rollouts[b * G:(b + 1) * G]
+        r = [sum(score(s, tok.decode(c, skip_special_tokens=True), answer, args).values()) for c in group]
+        r_all += r
+        if args.mode == "visurf":
+            parts = score(s, tok.decode(labels[b], skip_special_tokens=True), answer, args)
+            ry, f = gt_reward(parts, r, args.ablate)
+            group, r = group + [labels[b]], r + [ry]
+            r_gt.append(ry)
+            fired.append(f)
+        adv = group_advantages(r)
+        a_gt.append(float(adv[-1]))
+        completions += group
+        advantages.append(adv)
+    stats["t_score"] = time.time() - t
+    stats.update(reward=float(np.mean(r_all)), reward_std=float(np.std(r_all)))
+    if args.mode == "visurf":
+        stats.update(gt_reward=float(np.mean(r_gt)), gt_smoothed=float(np.mean(fired)),
+                     gt_advantage=float(np.mean(a_gt)))
+    per_prompt = G + 1 if args.mode == "visurf" else G
+    return prompts, completions, torch.cat(advantages), per_prompt, stats
+
+
+def score(sample, text, answer, args):
+    return rewards.score(sample["task"], text, answer, giou=args.grounding_reward == "giou")
+
+
+def train_step(model, processor, optimizer, samples, conv, args, ref_model=None):
+    t0 = time.time()
+    prompts, completions, adv, per, stats = make_groups(model, processor, samples, conv, args)
+    B, device = len(samples), model.device
+    adv = adv.to(device)
+    # the loss is a sum over micro-batches of whole groups; fix its denominator up front
+    n_tokens = sum(map(len, completions))
+    denom = len(completions) if args.loss_agg == "sequence" else n_tokens
+    mb = args.micro_batch or B
+    old, loss_total, t_fb = {}, 0.0, 0.0
+    model.train()
+    for epoch in range(args.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        t = time.time()
+        for b0 in range(0, B, mb):
+            rows = slice(b0 * per, min(B, b0 + mb) * per)
+            sub = select_prompts(prompts, torch.arange(b0, min(B, b0 + mb), device=device))
+            with autocast(device):
+                logp, mask = token_logprobs(model, sub, completions[rows], per)
+                if args.mode == "sft":
+                    loss = sft_loss(logp, mask, denom)
+                else:
+                    # one update per batch: pi_old is this very policy, detached (ratio = 1)
+                    old.setdefault(b0, logp.detach())
+                    ref = None
+                    if args.beta > 0:
+                        with torch.no_grad():
+                            ref = token_logprobs(ref_model, sub, completions[rows], per)[0]
+                    loss = policy_loss(logp, old[b0], adv[rows], mask, args.clip_eps, denom, ref, args.beta)
+            loss.backward()
+            loss_total += loss.item() / args.ppo_epochs
+        t_fb += time.time() - t
+        t = time.time()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        stats["t_optimizer"] = stats.get("t_optimizer", 0.0) + time.time() - t
+    stats.update(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb,
+                 sequences=len(completions), seconds=time.time() - t0)
+    stats["gen_tokens_per_s"] = stats["gen_tokens"] / stats["t_generate"] if stats["t_generate"] else 0.0
+    return stats
+
+
+def autocast(device):
+    # fp32 master weights, bf16 compute on CUDA: AdamW's 1e-6-sized updates survive,
+    # where bf16 weights (8 mantissa bits) would round most of them away
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (SPEC §5): greedy decoding, the same prompts and coordinates as training
+
+def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
+    tok, device = processor.tokenizer, model.device
+    model.eval()
+    texts = []
+    for i in range(0, len(samples), args.eval_batch_size):
+        chunk = samples[i:i + args.eval_batch_size]
+        prompts = encode_prompts(processor, chunk, conv, device)
+        with torch.no_grad(), autocast(device):
+            ids = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
+        texts += [tok.decode(c, skip_special_tokens=True) for c in trim(ids, tok.eos_token_id)]
+    task = samples[0]["task"]
+    answers = [rewards.extract_answer(t) for t in texts]
+    if task == "classification":
+        ok = [rewards.classification_reward(a, s["answer"]) for a, s in zip(answers, samples)]
+        result = {"accuracy": float(np.mean(ok)),
+                  "parse_failure_rate": float(np.mean([not a for a in answers]))}
+    elif task == "grounding":
+        boxes = [rewards.parse_box(a) if a else None for a in answers]
+        ious = [rewards.iou(data.to_pixels(b, s["size"], conv), s["answer"]) if b else 0.0
+                for b, s in zip(boxes, samples)]
+        result = {"mIoU": float(np.mean(ious)), "acc@0.5": float(np.mean([v >= 0.5 for v in ious])),
+                  "parse_failure_rate": float(np.mean([b is None for b in boxes]))}
+    else:
+        result = detection_metrics(samples, answers, conv, info, out_dir)
+    result.update(task=task, n=len(samples))
+    return result, texts
+
+
+def detection_metrics(samples, answers, conv, info=None, out_dir=None):
+    """COCO mAP as Visual-RFT reports it: the mean over the evaluated categories of each
+    category's AP (IoU .50:.95, all areas, 100 detections), from pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    coco = (info or {}).get("coco") or coco_from_samples(samples)
+    results, failures = [], 0
+    for a, s in zip(answers, samples):
+        boxes, confs, no_objects = rewards.parse_detections(a) if a else ([], [], False)
+        failures += not (boxes or no_objects)
+        for b, c in zip(boxes, confs):
+            x1, y1, x2, y2 = data.to_pixels(b, s["size"], conv)
+            results.append({"image_id": s["image_id"], "category_id": s["category_id"],
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": c})
+    if out_dir:
+        with open(os.path.join(out_dir, "coco_results.json"), "w") as f:
+            json.dump(results, f)
+    cat_ids = sorted({s["category_id"] for s in samples})
+    per_cat = {}
+    if results:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            E = COCOeval(coco, coco.loadRes(results), "bbox")
+            E.params.imgIds, E.params.catIds = sorted({s["image_id"] for s in samples}), cat_ids
+            E.evaluate()
+            E.accumulate()
+        prec = E.eval["precision"]                       # [IoU, recall, category, area, maxDets]
+        for k, c in enumerate(cat_ids):
+            p, p50 = prec[:, :, k, 0, -1], prec[0, :, k, 0, -1]
+            if (p > -1).any():  # -1: the category has no ground truth here
+                per_cat[coco.cats[c]["name"]] = (float(p[p > -1].mean()), float(p50[p50 > -1].mean()))
+    else:  # nothing predicted: every category with ground truth scores 0
+        has_gt = {a["category_id"] for a in coco.dataset["annotations"]}
+        per_cat = {coco.cats[c]["name"]: (0.0, 0.0) for c in cat_ids if c in has_gt}
+    aps = list(per_cat.values())
+    return {"mAP": 100 * float(np.mean([a for a, _ in aps])) if aps else 0.0,
+            "AP50": 100 * float(np.mean([a for _, a in aps])) if aps else 0.0,
+            "per_category": {k: 100 * v[0] for k, v in per_cat.items()},
+            "parse_failure_rate": failures / len(samples)}
+
+
+def coco_from_samples(samples):
+    """A pycocotools ground truth for samples that did not come from a COCO file."""
+    from pycocotools.coco import COCO
+    images, anns, cats = {}, [], {}
+    for s in samples:
+        s.setdefault("image_id", len(images))  # one image per sample where none was named
+        s.setdefault("category_id", 1 + sorted({x["query"] for x in samples}).index(s["query"]))
+        images[s["image_id"]] = {"id": s["image_id"], "width": s["size"][0], "height": s["size"][1]}
+        cats[s["category_id"]] = {"id": s["category_id"], "name": s["query"]}
+        for x1, y1, x2, y2 in s["answer"]:
+            anns.append({"id": len(anns) + 1, "image_id": s["image_id"], "category_id": s["category_id"],
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    coco = COCO()
+    coco.dataset = {"images": list(images.values()), "annotations": anns, "categories": list(cats.values())}
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        coco.createIndex()
+    return coco
+
+
+def headline(result):
+    keys = {"classification": ["accuracy"], "grounding": ["mIoU", "acc@0.5"], "detection": ["mAP", "AP50"]}
+    return ", ".join(f"{k} {result[k]:.3f}" for k in keys[result["task"]] + ["parse_failure_rate"])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: from_pretrained-loadable, plus everything needed to resume exactly
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out_dir, model, processor, optimizer, step, rng, args):
+    """Written beside the old one, then swapped in: an interrupted save loses nothing."""
+    path = os.path.join(out_dir, "checkpoint")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.tokenizer.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "args": vars(args)},
+               os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+    return path
+
+
+def batch_for_step(n, batch_size, seed, step):
+    """Sample indices for a step: each epoch a fresh permutation from the seed, so the
+    data order depends on (seed, step) alone and resuming needs no sampler state."""
+    out = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ViSurf / GRPO / SFT for Qwen2-VL, one file.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: die(msg)  # one line, exit status 2
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="'tiny' (random, built in code), a hub id or a local path")
+    g.add_argument("--freeze-vision", action="store_true", help="train the language model only")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image, for the processor")
+    g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="dataset file or folder (default: the built-in synthetic task)")
+    g.add_argument("--images", help="image folder (COCO/LVIS); default: next to --data")
+    g.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
+                   help="which built-in synthetic task")
+    g.add_argument("--categories", help="comma-separated categories (COCO/LVIS) or class list")
+    g.add_argument("--shots", type=int, help="keep K images per category / class")
+    g.add_argument("--negatives", type=float, default=0.0, help="'No Objects' prompts per positive one")
+    g.add_argument("--skip-bad", action="store_true", help="warn about bad records and carry on")
+    g.add_argument("--eval-data", help="held-out set for --eval-every and the before/after numbers")
+    g.add_argument("--eval-images", help="image folder for --eval-data")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out prompts only")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"])
+    g.add_argument("--ablate", default="", help=f"rules to switch off, any of {','.join(RULES)}")
+    g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt")
+    g.add_argument("--max-new-tokens", type=int, help=f"tiny: {TINY_DEFAULTS['max_new_tokens']}, "
+                   f"else {REAL_DEFAULTS['max_new_tokens']}")
+    g.add_argument("--clip-eps", type=float, default=0.2)
+    g.add_argument("--loss-agg", default="sequence", choices=["sequence", "token"],
+                   help="sequence: sum over tokens, as in the paper; token: mean over all tokens (DAPO/TRL)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch of rollouts")
+    g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model")
+    g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"])
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
+    g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
+                   f"else {REAL_DEFAULTS['batch_size']}")
+    g.add_argument("--micro-batch", type=int, help="prompts (whole groups) per forward/backward; default: all")
+    g.add_argument("--lr", type=float, help=f"tiny: {TINY_DEFAULTS['lr']}, else {REAL_DEFAULTS['lr']}")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/default")
+    g.add_argument("--save-every", type=int, default=100)
+    g.add_argument("--eval-every", type=int, default=0, help="0: only before and after training")
+    g.add_argument("--eval-batch-size", type=int, default=16)
+    g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
+    g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    args = p.parse_args(argv)
+
+    for k, v in (TINY_DEFAULTS if args.model == "tiny" else REAL_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.ablate = [r.strip() for r in args.ablate.split(",") if r.strip()]
+    for r in args.ablate:
+        if r not in RULES:
+            die(f"--ablate: unknown rule {r!r} (choose from {', '.join(RULES)})")
+    if args.ablate and args.mode != "visurf":
+        die("--ablate switches off ViSurf's rules, so it needs --mode visurf")
+    if args.group_size < (2 if args.mode == "grpo" else 1):
+        die("--group-size must be at least 2 for grpo (the advantage needs a spread) and 1 otherwise")
+    if args.beta > 0 and args.mode == "sft":
+        die("--beta is a policy-gradient option; --mode sft has no KL term")
+    for k in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "save_every", "eval_batch_size"):
+        if getattr(args, k) < 1:
+            die(f"--{k.replace('_', '-')} must be at least 1")
+    if args.clip_eps <= 0 or args.lr <= 0 or args.beta < 0 or args.negatives < 0:
+        die("--clip-eps and --lr must be positive, --beta and --negatives non-negative")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
+        die(f"--resume {args.resume}: not a visurf checkpoint (no trainer_state.pt)")
+    if args.eval and args.model != "tiny" and not args.data:
+        die("--eval needs --data")
+    return args
+
+
+def load_data(args, conv):
+    """-> (train samples, eval samples, eval info)."""
+    if args.data:
+        train, _ = data.load(args.data, args.images, args.categories, args.shots, args.negatives,
+                             args.seed, args.skip_bad, split="eval" if args.eval else "train")
+        held, info = ([], {})
+        if args.eval:
+            held, info = train, _
+        elif args.eval_data:
+            held, info = data.load(args.eval_data, args.eval_images, args.categories, None, 0.0,
+                                   args.seed, args.skip_bad, split="eval")
+    else:
+        shots = args.shots or 64
+        train = data.synthetic(args.task, shots * len(data.COLOURS), args.seed, "train")
+        held, info = data.synthetic(args.task, 192, args.seed, "eval"), {}
+    return train, held[:args.eval_limit] if args.eval_limit else held, info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, processor, conv = load_model(args.resume or args.model, args)
+        train, held, info = load_data(args, conv)
+    except data.DataError as e:
+        die(str(e))
+    model.to(device)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.eval:
+        result, texts = evaluate(model, processor, held, conv, args, info, args.output_dir)
+        with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+            json.dump(dict(result, model=args.model, data=args.data), f, indent=1)
+        print(f"{'metric':<20} value")
+        for k, v in result.items():
+            if isinstance(v, float):
+                print(f"{k:<20} {v:.4f}")
+        print(f"wrote {os.path.join(args.output_dir, 'eval.json')}")
+        return result
+
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    metrics_path, start = os.path.join(args.output_dir, "metrics.jsonl"), 0
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        schedule.last_epoch = start - 1
+        schedule.step()
+        set_rng_state(state["rng"])
+        if os.path.exists(metrics_path):  # drop lines from steps after the checkpoint
+            with open(metrics_path) as f:
+                keep = [l for l in f if json.loads(l).get("step", 0) <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(keep)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    print(f"visurf: mode {args.mode}{' ablate ' + ','.join(args.ablate) if args.ablate else ''} | "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} | "
+          f"{len(train)} training prompts, {len(held)} held out | G {args.group_size} B {args.batch_size} "
+          f"lr {args.lr:g} steps {args.steps}")
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_eval(step):
+        result, _ = evaluate(model, processor, held, conv, args, info)
+        log(dict(step=step, eval=result))
+        return result
+
+    before = run_eval(start) if held and start == 0 else None
+    if before:
+        print(f"before training: {headline(before)}")
+    step, t_start, rng = start, time.time(), rng_state()
+    try:
+        while step < args.steps:
+            rng = rng_state()  # what a resume from this step must restore
+            samples = [train[i] for i in batch_for_step(len(train), args.batch_size, args.seed, step)]
+            m = train_step(model, processor, optimizer, samples, conv, args, ref_model)
+            schedule.step()
+            step += 1
+            m["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
+                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+            log(dict(step=step, lr=schedule.get_last_lr()[0], **m))
+            elapsed = time.time() - t_start
+            eta = elapsed / (step - start) * (args.steps - step)
+            gt = (f" | gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f}"
+                  if "gt_reward" in m else "")
+            print(f"step {step}/{args.steps} | reward {m.get('reward', float('nan')):.3f}{gt} | "
+                  f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s | "
+                  f"gen {m['t_generate']:.2f}s fb {m['t_forward_backward']:.2f}s | "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+            if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
+                print(f"eval at step {step}: {headline(run_eval(step))}")
+            if step % args.save_every == 0 and step < args.steps:
+                save_checkpoint(args.output_dir, model, processor, optimizer, step, rng_state(), args)
+    except KeyboardInterrupt:
+        path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
+        print(f"\ninterrupted: saved step {step} to {path}; continue with --resume {path}")
+        sys.exit(130)
+    path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng_state(), args)
+    after = run_eval(step) if held else None
+    if after:
+        print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
+    print(f"saved {path}")
+    return after
+
+
+if __name__ == "__main__":
+    main()
