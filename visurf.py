@@ -326,26 +326,35 @@ def score(sample, text, answer, args):
 def train_step(model, processor, optimizer, samples, conv, args, ref_model=None):
     t0 = time.time()
     prompts, completions, adv, per, stats = make_groups(model, processor, samples, conv, args)
-    B, device = len(samples), model.device
+    stats.update(update(model, optimizer, prompts, completions, adv, per, args, ref_model))
+    stats["seconds"] = time.time() - t0
+    stats["gen_tokens_per_s"] = stats["gen_tokens"] / stats["t_generate"] if stats["t_generate"] else 0.0
+    return stats
+
+
+def update(model, optimizer, prompts, completions, adv, per, args, ref_model=None):
+    """Step 6: the clipped policy-gradient loss over every sequence (the label's SFT
+    loss alone in --mode sft), in micro-batches of whole groups, then AdamW."""
+    B, device = prompts["input_ids"].shape[0], model.device
     adv = adv.to(device)
-    # the loss is a sum over micro-batches of whole groups; fix its denominator up front
-    n_tokens = sum(map(len, completions))
-    denom = len(completions) if args.loss_agg == "sequence" else n_tokens
+    # the loss is a sum over micro-batches; fix its denominator for the whole batch
+    denom = len(completions) if args.loss_agg == "sequence" else sum(map(len, completions))
     mb = args.micro_batch or B
-    old, loss_total, t_fb = {}, 0.0, 0.0
+    old, loss_total, t_fb, t_opt = {}, 0.0, 0.0, 0.0
     model.train()
     for epoch in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         t = time.time()
         for b0 in range(0, B, mb):
-            rows = slice(b0 * per, min(B, b0 + mb) * per)
-            sub = select_prompts(prompts, torch.arange(b0, min(B, b0 + mb), device=device))
+            b1 = min(B, b0 + mb)
+            rows = slice(b0 * per, b1 * per)
+            sub = select_prompts(prompts, torch.arange(b0, b1, device=device))
             with autocast(device):
                 logp, mask = token_logprobs(model, sub, completions[rows], per)
                 if args.mode == "sft":
                     loss = sft_loss(logp, mask, denom)
                 else:
-                    # one update per batch: pi_old is this very policy, detached (ratio = 1)
+                    # pi_old: the policy that sampled, i.e. this one before the first update
                     old.setdefault(b0, logp.detach())
                     ref = None
                     if args.beta > 0:
@@ -358,11 +367,9 @@ def train_step(model, processor, optimizer, samples, conv, args, ref_model=None)
         t = time.time()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        stats["t_optimizer"] = stats.get("t_optimizer", 0.0) + time.time() - t
-    stats.update(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb,
-                 sequences=len(completions), seconds=time.time() - t0)
-    stats["gen_tokens_per_s"] = stats["gen_tokens"] / stats["t_generate"] if stats["t_generate"] else 0.0
-    return stats
+        t_opt += time.time() - t
+    return dict(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb, t_optimizer=t_opt,
+                sequences=len(completions))
 
 
 def autocast(device):
@@ -375,15 +382,20 @@ def autocast(device):
 # Evaluation (SPEC §5): greedy decoding, the same prompts and coordinates as training
 
 def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
+    """Greedy, batched decoding of every held-out prompt, then its task's metrics."""
     tok, device = processor.tokenizer, model.device
     model.eval()
     texts = []
     for i in range(0, len(samples), args.eval_batch_size):
-        chunk = samples[i:i + args.eval_batch_size]
-        prompts = encode_prompts(processor, chunk, conv, device)
+        prompts = encode_prompts(processor, samples[i:i + args.eval_batch_size], conv, device)
         with torch.no_grad(), autocast(device):
             ids = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
         texts += [tok.decode(c, skip_special_tokens=True) for c in trim(ids, tok.eos_token_id)]
+    return eval_metrics(samples, texts, conv, info, out_dir), texts
+
+
+def eval_metrics(samples, texts, conv, info=None, out_dir=None):
+    """Metrics of model outputs `texts`. A parse failure counts as wrong everywhere."""
     task = samples[0]["task"]
     answers = [rewards.extract_answer(t) for t in texts]
     if task == "classification":
@@ -399,7 +411,7 @@ def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
     else:
         result = detection_metrics(samples, answers, conv, info, out_dir)
     result.update(task=task, n=len(samples))
-    return result, texts
+    return result
 
 
 def detection_metrics(samples, answers, conv, info=None, out_dir=None):
