@@ -30,11 +30,18 @@ IOU_MATCH = 0.5
 _FORMAT = re.compile(
     r"\s*<think>((?:(?!</?(?:think|answer)>).)*)</think>\s*"
     r"<answer>((?:(?!</?(?:think|answer)>).)*)</answer>\s*", re.S)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_NUM = r"""["']?\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|-?inf(?:inity)?)\s*["']?"""
-_BOX = re.compile(r"\[+\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]+", re.I)
-_POSITION = re.compile(r"""["']?position["']?\s*:\s*(\[+[^\]]*\]+)""", re.I)
-_CONFIDENCE = re.compile(r"""["']?confidence["']?\s*:\s*""" + _NUM, re.I)
+# Patterns run on _clean()ed text and have no two quantifiers competing for the same
+# characters, so a runaway completion ("[[[[...", "1111...") costs linear time.
+_NUM = r"""["']? ?([-+]?(?:\d{1,32}(?:\.\d{0,32})?|\.\d{1,32})(?:[eE][-+]?\d{1,4})?|nan|-?inf(?:inity)?) ?["']?"""
+_BOX = re.compile(r"\[ ?" + r" ?, ?".join([_NUM] * 4) + r" ?\]", re.I)
+_POSITION = re.compile(r"""position["']? ?: ?(\[[^\]]*\])""", re.I)
+_CONFIDENCE = re.compile(r"""confidence["']? ?: ?""" + _NUM, re.I)
+_RUNS = re.compile(r"\s+|\[[\s\[]*|\][\s\]]*")
+
+
+def _clean(text):
+    """One space for any whitespace run, one bracket for '[[' or ']]' runs."""
+    return _RUNS.sub(lambda m: m.group(0).lstrip()[:1] or " ", text)
 
 
 def think_reward(completion):
@@ -43,9 +50,10 @@ def think_reward(completion):
 
 
 def extract_answer(completion):
-    """Content of the first <answer> block, stripped; None if there is none."""
-    m = _ANSWER.search(completion)
-    return m.group(1).strip() if m else None
+    """Content of the first <answer>...</answer> block, stripped; None if there is none."""
+    i = completion.find("<answer>")
+    j = completion.find("</answer>", i + 8) if i >= 0 else -1
+    return completion[i + 8:j].strip() if j >= 0 else None
 
 
 def _number(s):
@@ -57,7 +65,7 @@ def _number(s):
 
 def parse_box(text):
     """First [x1, y1, x2, y2] in `text` as floats, or None. Non-finite values -> None."""
-    m = _BOX.search(text)
+    m = _BOX.search(_clean(text))
     if not m:
         return None
     box = [_number(g) for g in m.groups()]
@@ -72,7 +80,7 @@ def parse_detections(text):
     (neutral); NaN and out-of-range ones are clamped into [0, 1].
     """
     items = []
-    for chunk in text.split("{")[1:]:
+    for chunk in _clean(text).split("{")[1:]:
         if "}" not in chunk:
             continue
         chunk = chunk[:chunk.index("}")]

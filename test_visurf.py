@@ -352,6 +352,20 @@ def test_bad_confidences_are_clamped(conf, expect):
     assert r["confidence"] == pytest.approx(0.0 if conf.lower() == "nan" else expect)
 
 
+@pytest.mark.parametrize("text", [
+    "<answer>" + "[" * 4000 + "</answer>", '<answer>{"Position": ' + "[" * 4000 + "}</answer>",
+    "<answer>[" + " " * 4000 + "1</answer>", "<answer>[" + "1" * 4000 + "</answer>", "<answer>" * 500,
+    '<answer>{"Position": [1, 2, 3, 4], "Confidence": ' + " " * 4000 + "}</answer>"])
+def test_runaway_repetitions(text):
+    # patterns that once backtracked for a second; here only the answers are checked
+    for task, ans in [("detection", [[1, 2, 3, 4]]), ("grounding", [1, 2, 3, 4]), ("classification", "a")]:
+        r = rewards.score(task, text, ans)
+        assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in r.values())
+    spaced = rewards.score("detection", '<answer>{"Position": [1, 2, 3, 4], "Confidence": ' + " " * 4000 + "0.3}</answer>",
+                           [[1, 2, 3, 4]])
+    assert spaced["iou"] == 1.0 and spaced["confidence"] == pytest.approx(0.3)
+
+
 def test_huge_completion():
     big = det('[{"Position": [0, 0, 10, 10], "Confidence": 0.9}, ' * 2500 + "x" * 10000)
     assert len(big) > 100_000

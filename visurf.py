@@ -291,7 +291,8 @@ def make_groups(model, processor, samples, conv, args):
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
     with torch.no_grad(), autocast(device):
-        rollouts = trim(generate(model, processor, prompts, G, args.max_new_tokens), eos)
+        rollouts = trim(generate(model, processor, prompts, G, args.max_new_tokens,
+                                 min_new_tokens=args.min_new_tokens), eos)
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
     t = time.time()
     completions, advantages, r_all, r_gt, fired, a_gt = [], [], [], [], [], []
@@ -552,6 +553,8 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt")
     g.add_argument("--max-new-tokens", type=int, help=f"tiny: {TINY_DEFAULTS['max_new_tokens']}, "
                    f"else {REAL_DEFAULTS['max_new_tokens']}")
+    g.add_argument("--min-new-tokens", type=int, default=0,
+                   help="force this many tokens per rollout (like-for-like benchmarks)")
     g.add_argument("--clip-eps", type=float, default=0.2)
     g.add_argument("--loss-agg", default="sequence", choices=["sequence", "token"],
                    help="sequence: sum over tokens, as in the paper; token: mean over all tokens (DAPO/TRL)")
@@ -603,7 +606,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_data(args, conv):
+def load_data(args):
     """-> (train samples, eval samples, eval info)."""
     if args.data:
         train, _ = data.load(args.data, args.images, args.categories, args.shots, args.negatives,
@@ -629,11 +632,11 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model, processor, conv = load_model(args.resume or args.model, args)
-        train, held, info = load_data(args, conv)
+    try:  # data first: a bad file fails before a large model is loaded
+        train, held, info = load_data(args)
     except data.DataError as e:
         die(str(e))
+    model, processor, conv = load_model(args.resume or args.model, args)
     model.to(device)
     os.makedirs(args.output_dir, exist_ok=True)
 
