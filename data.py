@@ -207,6 +207,20 @@ def synthetic(task, n, seed, split="train", shift=False):
     return out
 
 
+def restrict(samples, colours):
+    """Synthetic samples about `colours` only (classification: the class list shrinks too)."""
+    colours = [c.strip() for c in colours]
+    for c in colours:
+        if c not in COLOURS:
+            raise DataError(f"--categories: {c!r} is not a synthetic colour ({', '.join(COLOURS)})")
+    colour = lambda s: s["answer"] if s["task"] == "classification" else s["query"].split()[-2]
+    out = [dict(s, classes=colours) if s["task"] == "classification" else s
+           for s in samples if colour(s) in colours]
+    if not out:
+        raise DataError("--categories: no synthetic samples left")
+    return out
+
+
 # ----------------------------------------------------------------------------
 # Loading real data: every record is checked when loaded
 

@@ -526,58 +526,58 @@ def batch_for_step(n, batch_size, seed, step):
 # Command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ViSurf / GRPO / SFT for Qwen2-VL, one file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ViSurf / GRPO / SFT for Qwen2-VL, one file.")
     p.error = lambda msg: die(msg)  # one line, exit status 2
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="'tiny' (random, built in code), a hub id or a local path")
     g.add_argument("--freeze-vision", action="store_true", help="train the language model only")
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image, for the processor")
-    g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS)
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image (default: 512*28*28)")
+    g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="per image (default: 56*56)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="dataset file or folder (default: the built-in synthetic task)")
     g.add_argument("--images", help="image folder (COCO/LVIS); default: next to --data")
     g.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
-                   help="which built-in synthetic task")
+                   help="which built-in synthetic task (default: classification)")
     g.add_argument("--categories", help="comma-separated categories (COCO/LVIS) or class list")
     g.add_argument("--shots", type=int, help="keep K images per category / class")
-    g.add_argument("--negatives", type=float, default=0.0, help="'No Objects' prompts per positive one")
+    g.add_argument("--negatives", type=float, default=0.0, help="'No Objects' prompts per positive one (default: 0)")
     g.add_argument("--skip-bad", action="store_true", help="warn about bad records and carry on")
     g.add_argument("--eval-data", help="held-out set for --eval-every and the before/after numbers")
     g.add_argument("--eval-images", help="image folder for --eval-data")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out prompts only")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"])
+    g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"], help="default: visurf")
     g.add_argument("--ablate", default="", help=f"rules to switch off, any of {','.join(RULES)}")
-    g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt")
+    g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt (default: 8)")
     g.add_argument("--max-new-tokens", type=int, help=f"tiny: {TINY_DEFAULTS['max_new_tokens']}, "
                    f"else {REAL_DEFAULTS['max_new_tokens']}")
     g.add_argument("--min-new-tokens", type=int, default=0,
-                   help="force this many tokens per rollout (like-for-like benchmarks)")
-    g.add_argument("--clip-eps", type=float, default=0.2)
+                   help="force this many tokens per rollout, for like-for-like benchmarks (default: 0)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip (default: 0.2)")
     g.add_argument("--loss-agg", default="sequence", choices=["sequence", "token"],
-                   help="sequence: sum over tokens, as in the paper; token: mean over all tokens (DAPO/TRL)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch of rollouts")
-    g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model")
-    g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"])
+                   help="sequence (default): sum over tokens, as in the paper; token: mean over all tokens (DAPO/TRL)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch of rollouts (default: 1)")
+    g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
+    g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
+                   help="iou (default), or (GIoU + 1) / 2")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
     g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
                    f"else {REAL_DEFAULTS['batch_size']}")
     g.add_argument("--micro-batch", type=int, help="prompts (whole groups) per forward/backward; default: all")
     g.add_argument("--lr", type=float, help=f"tiny: {TINY_DEFAULTS['lr']}, else {REAL_DEFAULTS['lr']}")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default: 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/default")
-    g.add_argument("--save-every", type=int, default=100)
-    g.add_argument("--eval-every", type=int, default=0, help="0: only before and after training")
-    g.add_argument("--eval-batch-size", type=int, default=16)
+    g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0: before and after only")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
     g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
     g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
 
@@ -621,6 +621,8 @@ def load_data(args):
         shots = args.shots or 64
         train = data.synthetic(args.task, shots * len(data.COLOURS), args.seed, "train")
         held, info = data.synthetic(args.task, 192, args.seed, "eval"), {}
+        if args.categories:  # a subset of the colours
+            train, held = (data.restrict(x, args.categories.split(",")) for x in (train, held))
     return train, held[:args.eval_limit] if args.eval_limit else held, info
 
 
