@@ -28,6 +28,7 @@ import random
 
 import numpy as np
 from PIL import Image, ImageOps
+from pycocotools.coco import COCO
 
 import rewards
 
@@ -361,7 +362,6 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
            "No Objects" prompts for selected categories absent from a selected image.
     eval:  every image holding a selected category, asked about every selected category.
     """
-    from pycocotools.coco import COCO
     skipped = []
     if not (isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data)):
         raise DataError(f"{path}: not a COCO/LVIS instances file (needs images, annotations, categories)")

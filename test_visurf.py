@@ -226,6 +226,31 @@ def test_short_run_metrics_checkpoint_and_exact_resume(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(HERE, "visurf.py"), "--steps", "500", "--batch-size", "1",
+            "--group-size", "2", "--shots", "1", "--eval-limit", "2", "--output-dir", str(out)]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted: saved step" in rest and "Traceback" not in err
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert 3 <= state["step"] < 500
+    logged = [json.loads(l)["step"] for l in open(out / "metrics.jsonl") if "loss" in l]
+    assert logged[-1] >= state["step"]
+    rc, stdout, err = cli("--steps", str(state["step"] + 2), "--batch-size", "1", "--group-size", "2", "--shots", "1",
+                          "--eval-limit", "2", "--output-dir", str(out), "--resume", str(out / "checkpoint"))
+    assert rc == 0, err
+    steps = [json.loads(l)["step"] for l in open(out / "metrics.jsonl") if "loss" in l]
+    assert steps == list(range(1, state["step"] + 3))  # no step lost, none twice
+
+
 def test_sft_and_ablation_modes_run(tmp_path):
     for extra in (["--mode", "sft"], ["--mode", "grpo"], ["--ablate", "align,think,smooth"],
                   ["--task", "detection", "--beta", "0.04", "--ppo-epochs", "2"]):
@@ -626,3 +651,21 @@ def test_eval_cli_on_a_coco_fixture(tmp_path):
         assert k in ev
     assert ev["n"] == 3 * 2 and isinstance(json.load(open(out / "coco_results.json")), list)
     assert "mAP" in stdout
+
+
+# =============================================================================
+# The comparison runner (bench/compare_modes.py)
+
+def test_compare_modes_runner_writes_table_and_plot(tmp_path):
+    out = tmp_path / "cmp"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench", "compare_modes.py"), "--steps", "2",
+                        "--seeds", "0", "--configs", "visurf,sft", "--regimes", "a", "--eval-every", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    md = (out / "results.md").read_text()
+    assert "| a | visurf |" in md and "| a | sft |" in md
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = json.load(open(out / "runs.json"))["runs"]
+    assert {r["config"] for r in runs} == {"visurf", "sft"}
+    assert all(r["steps"] == 2 for r in runs)
+    assert [r["generated"] for r in runs if r["config"] == "sft"] == [0]

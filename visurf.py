@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import resource
@@ -38,8 +37,16 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import transformers
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
+from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
+                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 import data
 import rewards
@@ -120,28 +127,17 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def image_processor_class():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    return Qwen2VLImageProcessorPil
+class ImageOnlyProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video half, which would need torchvision (SPEC §6).
+    Works for Qwen2.5-VL too: same image processor, same image tokens."""
 
-
-def make_processor(image_processor, tokenizer):
-    """Qwen2VLProcessor without its video half, which would need torchvision."""
-    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
-
-    def init(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-        Qwen2VLProcessor.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
-
-    ImageOnly = type("Qwen2VLProcessor", (Qwen2VLProcessor,), {"__init__": init})
-    tokenizer.padding_side = "left"  # prompts are left-padded for generation
-    return ImageOnly(image_processor, tokenizer, chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 def build_tiny(seed):
     """A random Qwen2-VL (~0.3M parameters) with a BPE tokenizer trained on the
     synthetic task's text, Qwen2-VL's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     conv = data.Convention("qwen2_vl", data.MIN_PIXELS, data.MAX_PIXELS)
     corpus = [data.prompt_text(s, conv) + " " + data.gt_completion(s, conv)
               for task in ("classification", "detection", "grounding") for s in data.synthetic(task, 60, 0)]
@@ -168,27 +164,27 @@ def build_tiny(seed):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    return model, tok, image_processor_class()()
+    return Qwen2VLForConditionalGeneration(config), tok
 
 
 def load_model(name, args):
     """-> (model, processor, coordinate convention). After this, tiny and real share every line."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if name == "tiny":
-        model, tok, improc = build_tiny(args.seed)
+        model, tok = build_tiny(args.seed)
+        improc = Qwen2VLImageProcessorPil(**pixels)
     else:
         try:
             model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(name)
-            improc = image_processor_class().from_pretrained(name)
+            improc = Qwen2VLImageProcessorPil.from_pretrained(name, **pixels)
         except (OSError, ValueError, KeyError) as e:
             die(f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     family = model.config.model_type
     if family not in data.COORDS:
         die(f"{name}: model type {family!r} is not Qwen2-VL or Qwen2.5-VL")
-    improc.size["shortest_edge"], improc.size["longest_edge"] = args.min_pixels, args.max_pixels
-    processor = make_processor(improc, tok)
+    tok.padding_side = "left"  # prompts are left-padded for generation
+    processor = ImageOnlyProcessor(improc, tok, chat_template=tok.chat_template or CHAT_TEMPLATE)
     return model, processor, data.Convention(family, args.min_pixels, args.max_pixels)
 
 
@@ -214,7 +210,6 @@ def select_prompts(prompts, idx):
 
 def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
     """n completions per prompt in one generate call. -> [B*n, T] token ids."""
-    from transformers import GenerationConfig
     tok = processor.tokenizer
     # set every sampling knob: a checkpoint's generation_config (Qwen2-VL ships top_k=1)
     # would otherwise make all G samples identical and the loss sit at 0
@@ -250,7 +245,6 @@ def token_logprobs(model, prompts, completions, per_prompt):
     idx = torch.arange(B, device=device).repeat_interleave(per_prompt)
     # the vision tower runs once per image, not once per sequence
     feats = model.model.get_image_features(prompts["pixel_values"], prompts["image_grid_thw"]).pooler_output
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     feats = BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in idx.tolist()))
     hidden = model.model(
         input_ids=torch.cat([prompts["input_ids"][idx], comp], 1),                       # [N, P+T]
@@ -284,8 +278,8 @@ def make_groups(model, processor, samples, conv, args):
     tok, device = processor.tokenizer, model.device
     prompts = encode_prompts(processor, samples, conv, device)
     eos, G = tok.eos_token_id, args.group_size
-    labels = [tok(data.gt_completion(s, conv, align="align" not in args.ablate),
-                  add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+    label_texts = [data.gt_completion(s, conv, align="align" not in args.ablate) for s in samples]
+    labels = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in label_texts]
     stats = {"t_generate": 0.0, "gen_tokens": 0}
     if args.mode == "sft":
         return prompts, labels, torch.ones(len(samples)), 1, stats
@@ -302,13 +296,12 @@ def make_groups(model, processor, samples, conv, args):
         r = [sum(score(s, tok.decode(c, skip_special_tokens=True), answer, args).values()) for c in group]
         r_all += r
         if args.mode == "visurf":
-            parts = score(s, tok.decode(labels[b], skip_special_tokens=True), answer, args)
-            ry, f = gt_reward(parts, r, args.ablate)
+            ry, f = gt_reward(score(s, label_texts[b], answer, args), r, args.ablate)
             group, r = group + [labels[b]], r + [ry]
             r_gt.append(ry)
             fired.append(f)
         adv = group_advantages(r)
-        a_gt.append(float(adv[-1]))
+        a_gt.append(float(adv[-1]))  # the label's, in visurf mode
         completions += group
         advantages.append(adv)
     stats["t_score"] = time.time() - t
@@ -418,8 +411,6 @@ def eval_metrics(samples, texts, conv, info=None, out_dir=None):
 def detection_metrics(samples, answers, conv, info=None, out_dir=None):
     """COCO mAP as Visual-RFT reports it: the mean over the evaluated categories of each
     category's AP (IoU .50:.95, all areas, 100 detections), from pycocotools."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
     coco = (info or {}).get("coco") or coco_from_samples(samples)
     results, failures = [], 0
     for a, s in zip(answers, samples):
@@ -457,7 +448,6 @@ def detection_metrics(samples, answers, conv, info=None, out_dir=None):
 
 def coco_from_samples(samples):
     """A pycocotools ground truth for samples that did not come from a COCO file."""
-    from pycocotools.coco import COCO
     images, anns, cats = {}, [], {}
     for s in samples:
         s.setdefault("image_id", len(images))  # one image per sample where none was named
@@ -628,7 +618,6 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    import transformers
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
