@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -310,8 +311,10 @@ def _record(where, r, root, classes):
     s = {"id": where, "image": path, "size": size}
     if "solution" in r:  # Visual-RFT: {image, problem, solution}
         task, answer = _parse_solution(str(r["solution"]), size)
-        s.update(task=task, answer=answer, raw=str(r["solution"]), problem=str(r.get("problem", "")),
-                 query=str(r.get("problem", "")))
+        problem = str(r.get("problem", ""))
+        quoted = re.search(r"""['"]([^'"]{1,60})['"]""", problem)  # "...the category 'dog'..."
+        s.update(task=task, answer=answer, raw=str(r["solution"]), problem=problem,
+                 query=str(r.get("category") or (quoted.group(1) if quoted else problem)))
     elif "bbox" in r:  # grounding: {image, expression, bbox}
         if not isinstance(r.get("expression"), str) or not r["expression"].strip():
             raise DataError("missing 'expression'")
@@ -365,6 +368,11 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
     skipped = []
     if not (isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data)):
         raise DataError(f"{path}: not a COCO/LVIS instances file (needs images, annotations, categories)")
+    for kind, keys in (("images", ("id",)), ("annotations", ("id", "image_id", "category_id", "bbox")),
+                       ("categories", ("id", "name"))):
+        for i, x in enumerate(data[kind]):
+            if not isinstance(x, dict) or any(k not in x for k in keys):
+                raise DataError(f"{path}: {kind}[{i}]: needs the fields {', '.join(keys)}")
     for a in data["annotations"]:  # LVIS has no iscrowd; COCOeval wants it
         a.setdefault("iscrowd", 0)
         if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4:
@@ -427,7 +435,7 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
     return _finish(out, path, skipped, coco=coco, category_ids=cat_ids)
 
 
-def load_classification_folder(path, shots=None, seed=0):
+def load_classification_folder(path):
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     records = [(f"{path}: {c}/{f}", {"image": os.path.join(c, f), "label": c})
                for c in classes for f in sorted(os.listdir(os.path.join(path, c)))

@@ -572,6 +572,11 @@ def test_bad_coco_and_skip_bad(tmp_path):
     assert_clean_error(rc, err, "instances.json", "image id 1", "annotation id 10", "outside")
     samples, info = data.load(path, str(tmp_path / "b" / "images"), skip_bad=True)
     assert info["skipped"] == 1 and 1 not in {s["image_id"] for s in samples}
+    def no_category(d):
+        del d["annotations"][2]["category_id"]
+    path = write_coco(str(tmp_path / "c"), bad=no_category)
+    rc, _, err = cli("--data", path, "--images", str(tmp_path / "c" / "images"))
+    assert_clean_error(rc, err, "instances.json", "annotations[2]", "category_id")
 
 
 def test_previous_outputs_survive_a_bad_run(tmp_path):
