@@ -150,7 +150,7 @@ def plot(runs, configs, regimes, path):
                 ys = [statistics.mean(c[k][1] for c in curves) for k in range(n)]
                 if j > 0 and len(ys) > 20:  # per-step values are noisy: a running mean of 10
                     ys = [statistics.mean(ys[max(0, k - 9):k + 1]) for k in range(len(ys))]
-                ax.plot(xs, ys, label=name)
+                ax.plot(xs, ys, label=name, color=f"C{list(CONFIGS).index(name)}")  # same colour in every panel
             ax.set_title(f"regime {regime}: {title}")
             ax.set_xlabel("optimizer step")
     axes[0][0].legend(fontsize=8)
