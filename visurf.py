@@ -125,6 +125,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
                   "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                   "<|image_pad|>", "<|video_pad|>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+END_OF_TURN = "<|im_end|>"  # ends every completion, the label's too (a base model's eos may differ)
 
 
 class ImageOnlyProcessor(Qwen2VLProcessor):
@@ -215,7 +216,8 @@ def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new
     # would otherwise make all G samples identical and the loss sit at 0
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.convert_tokens_to_ids(END_OF_TURN),
+                              pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                               # a young model samples vision tokens, which break the next forward
                               suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
     idx = torch.arange(prompts["input_ids"].shape[0], device=prompts["input_ids"].device).repeat_interleave(n)
@@ -234,7 +236,7 @@ def trim(ids, eos):
 def token_logprobs(model, prompts, completions, per_prompt):
     """log pi(token) at every completion position. completions: N token lists, the
     first per_prompt belonging to prompt 0, and so on. -> ([N, T] log-probs, [N, T] mask)."""
-    device, pad = prompts["input_ids"].device, model.config.text_config.pad_token_id
+    device, pad = prompts["input_ids"].device, 0  # padding is masked out: any id but an image token
     B = prompts["input_ids"].shape[0]
     T = max(len(c) for c in completions)
     comp = torch.full((len(completions), T), pad, dtype=torch.long)
@@ -277,7 +279,7 @@ def make_groups(model, processor, samples, conv, args):
     -> (prompts, completions [N token lists], advantages [N], per_prompt, stats)"""
     tok, device = processor.tokenizer, model.device
     prompts = encode_prompts(processor, samples, conv, device)
-    eos, G = tok.eos_token_id, args.group_size
+    eos, G = tok.convert_tokens_to_ids(END_OF_TURN), args.group_size
     label_texts = [data.gt_completion(s, conv, align="align" not in args.ablate) for s in samples]
     labels = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in label_texts]
     stats = {"t_generate": 0.0, "gen_tokens": 0}
@@ -384,7 +386,7 @@ def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
         prompts = encode_prompts(processor, samples[i:i + args.eval_batch_size], conv, device)
         with torch.no_grad(), autocast(device):
             ids = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
-        texts += [tok.decode(c, skip_special_tokens=True) for c in trim(ids, tok.eos_token_id)]
+        texts += [tok.decode(c, skip_special_tokens=True) for c in trim(ids, tok.convert_tokens_to_ids(END_OF_TURN))]
     return eval_metrics(samples, texts, conv, info, out_dir), texts
 
 
