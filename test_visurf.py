@@ -251,6 +251,50 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     assert steps == list(range(1, state["step"] + 3))  # no step lost, none twice
 
 
+def test_qwen2_5_vl_checkpoint_shares_the_path(tmp_path, tiny):
+    """A (tiny, random) Qwen2.5-VL checkpoint trains through the same code, and its labels
+    are written in Qwen2.5-VL's convention: pixels of the resized image, not 0..1000."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    model, processor, _, _ = tiny
+    c = model.config
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=c.text_config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+                         eos_token_id=c.text_config.eos_token_id, tie_word_embeddings=True),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                           fullatt_block_indexes=[1], window_size=56),
+        image_token_id=c.image_token_id, video_token_id=c.video_token_id, tie_word_embeddings=True,
+        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
+    torch.manual_seed(0)
+    path = str(tmp_path / "q25")
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    args = visurf.parse_args(["--model", path, "--group-size", "2", "--max-new-tokens", "4"])
+    m25, p25, conv = visurf.load_model(path, args)
+    assert conv.family == "qwen2_5_vl"
+    s = data.synthetic("grounding", 1, 0)[0]
+    s["image"], s["size"] = s["image"].resize((448, 224)), (448, 224)
+    s["answer"] = [2 * s["answer"][0], s["answer"][1], 2 * s["answer"][2], s["answer"][3]]
+    assert data.gt_completion(s, conv) == "<answer>[%d, %d, %d, %d]</answer>" % tuple(s["answer"])  # 448x224 stays
+    rc, out, err = cli("--model", path, "--task", "grounding", "--steps", "1", "--batch-size", "2", "--group-size", "2",
+                       "--max-new-tokens", "6", "--lr", "1e-3", "--shots", "1", "--eval-limit", "2",
+                       "--output-dir", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "step 1/1" in out and "after training:  mIoU" in out
+
+
+def test_coco_training_run_through_the_cli(tmp_path):
+    path = write_coco(str(tmp_path), n_images=6)
+    rc, out, err = cli("--data", path, "--images", str(tmp_path / "images"), "--categories", "dog,fire hydrant",
+                       "--shots", "2", "--negatives", "0.5", "--steps", "2", "--batch-size", "2", "--group-size", "2",
+                       "--eval-data", path, "--eval-images", str(tmp_path / "images"), "--eval-limit", "4",
+                       "--output-dir", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "6 training prompts, 4 held out" in out and "after training:  mAP" in out  # 2 + 2 shots, 2 negatives
+
+
 def test_sft_and_ablation_modes_run(tmp_path):
     for extra in (["--mode", "sft"], ["--mode", "grpo"], ["--ablate", "align,think,smooth"],
                   ["--task", "detection", "--beta", "0.04", "--ppo-epochs", "2"]):
@@ -501,6 +545,21 @@ def test_coco_loader_and_few_shot_sampler(tmp_path):
     ev, info = data.load(path, imgs, categories="dog,fire hydrant", split="eval")
     assert len(ev) == 2 * 8  # 6 dog images + 2 more with a hydrant, asked about both
     assert info["category_ids"] == [1, 3]
+
+
+def test_lvis_style_file(tmp_path):
+    """LVIS names images by coco_url and has no iscrowd; both must work."""
+    def lvis(d):
+        for im in d["images"]:
+            im["coco_url"] = "http://images.cocodataset.org/train2017/" + im.pop("file_name")
+        for a in d["annotations"]:
+            del a["iscrowd"]
+    path = write_coco(str(tmp_path), n_images=4, bad=lvis)
+    samples, info = data.load(path, str(tmp_path / "images"), categories="cat")
+    assert len(samples) == 2 and all(s["image"].endswith(".jpg") for s in samples)
+    texts = [det(data.format_answer("detection", data.model_answer(s, Q2), [0.9])) for s in samples]
+    ev, info = data.load(path, str(tmp_path / "images"), categories="cat", split="eval")
+    assert visurf.eval_metrics(ev, texts, Q2, info)["mAP"] == pytest.approx(100.0)
 
 
 def test_record_formats(tmp_path):
