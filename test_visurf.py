@@ -192,7 +192,8 @@ def test_micro_batches_give_the_same_gradient(tiny):
 # End to end, through the command line
 
 def test_short_run_metrics_checkpoint_and_exact_resume(tmp_path):
-    base = ["--steps", "4", "--batch-size", "2", "--group-size", "3", "--eval-limit", "6", "--shots", "2"]
+    base = ["--steps", "4", "--batch-size", "2", "--group-size", "3", "--eval-limit", "6", "--shots", "2",
+            "--warmup-steps", "3"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     rc, out, err = cli(*base, "--save-every", "2", "--output-dir", full)
     assert rc == 0, err
@@ -200,10 +201,11 @@ def test_short_run_metrics_checkpoint_and_exact_resume(tmp_path):
     lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
     steps = [l for l in lines if "loss" in l]
     assert [l["step"] for l in steps] == [1, 2, 3, 4]
-    for key in ["step", "reward", "gt_reward", "gt_smoothed", "gt_advantage", "loss", "seconds",
+    for key in ["step", "lr", "reward", "gt_reward", "gt_smoothed", "gt_advantage", "loss", "seconds",
                 "t_generate", "t_score", "t_forward_backward", "t_optimizer", "gen_tokens_per_s", "peak_mem_gb"]:
         assert key in steps[0], key
     assert sum("eval" in l for l in lines) == 2  # before and after
+    assert [l["lr"] for l in steps] == pytest.approx([5e-4 * k / 4 for k in (1, 2, 3, 4)])  # linear warm-up
     # the checkpoint loads with plain transformers, without visurf
     ck = os.path.join(full, "checkpoint")
     code = ("import transformers, sys; m = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1]);"
@@ -218,7 +220,7 @@ def test_short_run_metrics_checkpoint_and_exact_resume(tmp_path):
     resumed = [l for l in resumed if "loss" in l]
     assert [l["step"] for l in resumed] == [1, 2, 3, 4]
     for a, b in zip(steps, resumed):
-        for k in ["reward", "gt_reward", "gt_advantage", "loss", "grad_norm"]:
+        for k in ["reward", "gt_reward", "gt_advantage", "loss", "grad_norm", "lr"]:
             assert a[k] == b[k], (a["step"], k)
     from safetensors.torch import load_file
     wa = load_file(os.path.join(full, "checkpoint", "model.safetensors"))
@@ -714,6 +716,8 @@ def test_eval_cli_on_a_coco_fixture(tmp_path):
     for k in ["mAP", "AP50", "per_category", "parse_failure_rate", "task", "n"]:
         assert k in ev
     assert ev["n"] == 3 * 2 and isinstance(json.load(open(out / "coco_results.json")), list)
+    preds = [json.loads(l) for l in open(out / "predictions.jsonl")]
+    assert len(preds) == 6 and {p["query"] for p in preds} == {"dog", "cat"}
     assert "mAP" in stdout
 
 

@@ -601,14 +601,15 @@ def parse_args(argv=None):
 def load_data(args):
     """-> (train samples, eval samples, eval info)."""
     if args.data:
-        train, _ = data.load(args.data, args.images, args.categories, args.shots, args.negatives,
-                             args.seed, args.skip_bad, split="eval" if args.eval else "train")
-        held, info = ([], {})
+        train, info = data.load(args.data, args.images, args.categories, args.shots, args.negatives,
+                                args.seed, args.skip_bad, split="eval" if args.eval else "train")
         if args.eval:
-            held, info = train, _
+            held = train
         elif args.eval_data:
             held, info = data.load(args.eval_data, args.eval_images, args.categories, None, 0.0,
                                    args.seed, args.skip_bad, split="eval")
+        else:
+            held, info = [], {}
     else:
         shots = args.shots or 64
         train = data.synthetic(args.task, shots * len(data.COLOURS), args.seed, "train")
@@ -637,11 +638,14 @@ def main(argv=None):
         result, texts = evaluate(model, processor, held, conv, args, info, args.output_dir)
         with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
             json.dump(dict(result, model=args.model, data=args.data), f, indent=1)
+        with open(os.path.join(args.output_dir, "predictions.jsonl"), "w") as f:
+            for s, t in zip(held, texts):
+                f.write(json.dumps({"id": s["id"], "query": s["query"], "output": t}) + "\n")
         print(f"{'metric':<20} value")
         for k, v in result.items():
             if isinstance(v, float):
                 print(f"{k:<20} {v:.4f}")
-        print(f"wrote {os.path.join(args.output_dir, 'eval.json')}")
+        print(f"wrote eval.json and predictions.jsonl to {args.output_dir}")
         return result
 
     if args.freeze_vision:
@@ -651,14 +655,11 @@ def main(argv=None):
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     metrics_path, start = os.path.join(args.output_dir, "metrics.jsonl"), 0
     if args.resume:
         state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        schedule.last_epoch = start - 1
-        schedule.step()
         set_rng_state(state["rng"])
         if os.path.exists(metrics_path):  # drop lines from steps after the checkpoint
             with open(metrics_path) as f:
@@ -684,17 +685,19 @@ def main(argv=None):
     before = run_eval(start) if held and start == 0 else None
     if before:
         print(f"before training: {headline(before)}")
-    step, t_start, rng = start, time.time(), rng_state()
+    step, t_start = start, time.time()
+    rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
     try:
         while step < args.steps:
-            rng = rng_state()  # what a resume from this step must restore
+            lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))  # linear warm-up, then constant
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             samples = [train[i] for i in batch_for_step(len(train), args.batch_size, args.seed, step)]
             m = train_step(model, processor, optimizer, samples, conv, args, ref_model)
-            schedule.step()
-            step += 1
+            step, rng = step + 1, rng_state()
             m["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-            log(dict(step=step, lr=schedule.get_last_lr()[0], **m))
+            log(dict(step=step, lr=lr, **m))
             elapsed = time.time() - t_start
             eta = elapsed / (step - start) * (args.steps - step)
             gt = (f" | gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f}"
@@ -706,12 +709,12 @@ def main(argv=None):
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
-                save_checkpoint(args.output_dir, model, processor, optimizer, step, rng_state(), args)
+                save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
     except KeyboardInterrupt:
         path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
         print(f"\ninterrupted: saved step {step} to {path}; continue with --resume {path}")
         sys.exit(130)
-    path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng_state(), args)
+    path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
     after = run_eval(step) if held else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
