@@ -297,6 +297,21 @@ def test_coco_training_run_through_the_cli(tmp_path):
     assert "6 training prompts, 4 held out" in out and "after training:  mAP" in out  # 2 + 2 shots, 2 negatives
 
 
+def test_freeze_vision_and_gradient_checkpointing(tmp_path):
+    rc, out, err = cli("--steps", "2", "--batch-size", "2", "--group-size", "2", "--shots", "1", "--eval-limit", "2",
+                       "--freeze-vision", "--gradient-checkpointing", "--micro-batch", "1", "--output-dir", str(tmp_path))
+    assert rc == 0, err
+    from transformers import AutoModelForImageTextToText
+    trained = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "checkpoint")).state_dict()
+    start, _ = visurf.build_tiny(0)
+    init = start.state_dict()
+    vision = [k for k in trained if ".visual." in k]
+    text = [k for k in trained if ".language_model." in k]
+    assert vision and text
+    assert all(torch.equal(trained[k], init[k]) for k in vision)
+    assert any(not torch.equal(trained[k], init[k]) for k in text)
+
+
 def test_sft_and_ablation_modes_run(tmp_path):
     for extra in (["--mode", "sft"], ["--mode", "grpo"], ["--ablate", "align,think,smooth"],
                   ["--task", "detection", "--beta", "0.04", "--ppo-epochs", "2"]):

@@ -703,9 +703,11 @@ def main(argv=None):
             gt = (f" | gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f}"
                   if "gt_reward" in m else "")
             print(f"step {step}/{args.steps} | reward {m.get('reward', float('nan')):.3f}{gt} | "
-                  f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s | "
-                  f"gen {m['t_generate']:.2f}s fb {m['t_forward_backward']:.2f}s | "
-                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+                  f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s "
+                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | gen {m['t_generate']:.2f}s "
+                  f"({m['gen_tokens_per_s']:.0f} tok/s) score {m.get('t_score', 0):.2f}s "
+                  f"fb {m['t_forward_backward']:.2f}s opt {m['t_optimizer']:.2f}s | "
+                  f"mem {m['peak_mem_gb']:.2f} GiB", flush=True)
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
