@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -22,10 +23,10 @@ Q2 = data.Convention("qwen2_vl", data.MIN_PIXELS, data.MAX_PIXELS)
 Q25 = data.Convention("qwen2_5_vl", data.MIN_PIXELS, data.MAX_PIXELS)
 
 
-def cli(*argv, cwd=None):
-    """Run visurf.py as a user would; -> (exit status, stdout, stderr)."""
+def cli(*argv):
+    """Run visurf.py as a user would, from an empty folder; -> (exit status, stdout, stderr)."""
     p = subprocess.run([sys.executable, os.path.join(HERE, "visurf.py"), *argv], capture_output=True,
-                       text=True, cwd=cwd, timeout=600)
+                       text=True, cwd=tempfile.mkdtemp(), timeout=600)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -660,8 +661,12 @@ def test_previous_outputs_survive_a_bad_run(tmp_path):
     assert cli("--steps", "1", "--batch-size", "1", "--group-size", "2", "--shots", "1", "--eval-limit", "2",
                "--output-dir", str(out))[0] == 0
     before = sorted(os.listdir(out))
+    rc, _, err = cli("--steps", "1", "--output-dir", str(out))  # a fresh run would overwrite it
+    assert_clean_error(rc, err, str(out), "--resume", "--overwrite")
+    assert sorted(os.listdir(out)) == before
     (tmp_path / "bad.jsonl").write_text("{oops")
-    rc, _, err = cli("--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(out))
+    # even told to overwrite, a run with bad data stops before it removes anything
+    rc, _, err = cli("--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(out), "--overwrite")
     assert_clean_error(rc, err, "bad.jsonl")
     assert sorted(os.listdir(out)) == before and os.path.getsize(out / "metrics.jsonl") > 0
 

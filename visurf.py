@@ -569,6 +569,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
     g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
     g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
     g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
@@ -621,6 +622,11 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # never clobber a finished or running experiment by re-running its command
+    held_run = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(args.output_dir, f))]
+    if held_run and not (args.eval or args.resume or args.overwrite):
+        die(f"{args.output_dir} already holds a run ({', '.join(held_run)}); continue it with --resume "
+            f"{os.path.join(args.output_dir, 'checkpoint')}, choose another --output-dir, or pass --overwrite")
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     random.seed(args.seed)

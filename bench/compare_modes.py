@@ -44,7 +44,7 @@ WARM_COLOURS = "red,green,blue"  # regime b's head start
 def common(o, seed):
     return ["--seed", str(seed), "--shots", str(o.shots), "--batch-size", str(o.batch_size),
             "--group-size", str(o.group_size), "--lr", str(o.lr), "--max-new-tokens", "8",
-            "--eval-every", str(o.eval_every), "--save-every", str(10 ** 6)]
+            "--eval-every", str(o.eval_every), "--save-every", str(10 ** 6), "--overwrite"]
 
 
 def train(argv):
