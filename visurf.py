@@ -27,6 +27,7 @@ What is simplified, on purpose:
 import argparse
 import contextlib
 import copy
+import io
 import json
 import os
 import random
@@ -425,12 +426,12 @@ def detection_metrics(samples, answers, conv, info=None, out_dir=None):
     if out_dir:
         with open(os.path.join(out_dir, "coco_results.json"), "w") as f:
             json.dump(results, f)
-    cat_ids = sorted({s["category_id"] for s in samples})
+    cat_ids, img_ids = sorted({s["category_id"] for s in samples}), sorted({s["image_id"] for s in samples})
     per_cat = {}
     if results:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with contextlib.redirect_stdout(io.StringIO()):
             E = COCOeval(coco, coco.loadRes(results), "bbox")
-            E.params.imgIds, E.params.catIds = sorted({s["image_id"] for s in samples}), cat_ids
+            E.params.imgIds, E.params.catIds = img_ids, cat_ids
             E.evaluate()
             E.accumulate()
         prec = E.eval["precision"]                       # [IoU, recall, category, area, maxDets]
@@ -438,9 +439,9 @@ def detection_metrics(samples, answers, conv, info=None, out_dir=None):
             p, p50 = prec[:, :, k, 0, -1], prec[0, :, k, 0, -1]
             if (p > -1).any():  # -1: the category has no ground truth here
                 per_cat[coco.cats[c]["name"]] = (float(p[p > -1].mean()), float(p50[p50 > -1].mean()))
-    else:  # nothing predicted: every category with ground truth scores 0
-        has_gt = {a["category_id"] for a in coco.dataset["annotations"]}
-        per_cat = {coco.cats[c]["name"]: (0.0, 0.0) for c in cat_ids if c in has_gt}
+    else:  # nothing predicted: every category with ground truth here scores 0
+        per_cat = {coco.cats[c]["name"]: (0.0, 0.0) for c in cat_ids
+                   if coco.getAnnIds(imgIds=img_ids, catIds=[c], iscrowd=False)}
     aps = list(per_cat.values())
     return {"mAP": 100 * float(np.mean([a for a, _ in aps])) if aps else 0.0,
             "AP50": 100 * float(np.mean([a for _, a in aps])) if aps else 0.0,
@@ -461,7 +462,7 @@ def coco_from_samples(samples):
                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
     coco = COCO()
     coco.dataset = {"images": list(images.values()), "annotations": anns, "categories": list(cats.values())}
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
 
