@@ -287,6 +287,7 @@ def make_groups(model, processor, samples, conv, args):
     if args.mode == "sft":
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
+    model.eval()  # in train mode, gradient checkpointing would switch off the KV cache
     with torch.no_grad(), autocast(device):
         rollouts = trim(generate(model, processor, prompts, G, args.max_new_tokens,
                                  min_new_tokens=args.min_new_tokens), eos)
@@ -658,7 +659,7 @@ def main(argv=None):
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)

@@ -77,7 +77,7 @@ def run_visurf(o, mode):
     transformers.utils.logging.disable_progress_bar()
     model, processor, conv = visurf.load_model(o.weights, args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(o.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     samples, times, phases = prompts(o.batch_size * o.steps, o.image_size, o.seed), [], []
