@@ -468,6 +468,10 @@ def load(path, images=None, categories=None, shots=None, negatives=0.0, seed=0, 
     tasks = {s["task"] for s in out}
     if len(tasks) > 1:
         raise DataError(f"{path}: records mix tasks {sorted(tasks)}; use one task per file")
+    if tasks == {"detection"}:  # ids for COCOeval: one image per record, one category per query
+        queries = sorted({s["query"] for s in out})
+        for i, s in enumerate(out):
+            s.update(image_id=i, category_id=1 + queries.index(s["query"]))
     if tasks == {"classification"}:
         classes = classes or sorted({s["answer"] for s in out})
         for s in out:

@@ -590,6 +590,14 @@ def test_record_formats(tmp_path):
     assert info["task"] == "detection" and s[0]["answer"] == [[20.0, 20.0, 100.0, 80.0]]
     assert data.gt_completion(s[0], Q2) == '<answer>[{"Position": [100, 200, 500, 800], "Confidence": 1.00}]</answer>'
     assert data.gt_completion(s[0], Q2, align=False) == recs[0]["solution"]
+    # evaluation groups Visual-RFT detection records by the category quoted in the problem
+    recs2 = [dict(recs[0], problem=f"Detect all objects belonging to the category '{c}'.") for c in ("dog", "cat", "dog")]
+    (tmp_path / "vrft2.json").write_text(json.dumps(recs2))
+    s2, _ = data.load(str(tmp_path / "vrft2.json"))
+    assert [(x["image_id"], x["category_id"], x["query"]) for x in s2] == [(0, 2, "dog"), (1, 1, "cat"), (2, 2, "dog")]
+    hit = det(data.format_answer("detection", data.model_answer(s2[0], Q2), [0.9]))
+    r = visurf.eval_metrics(s2, [hit, "x", "x"], Q2)
+    assert r["per_category"]["cat"] == 0.0 and 0 < r["per_category"]["dog"] < 100
     (tmp_path / "g.jsonl").write_text(json.dumps({"image": "a.png", "expression": "the dog", "bbox": [10, 10, 50, 60]}))
     s, info = data.load(str(tmp_path / "g.jsonl"))
     assert info["task"] == "grounding" and data.model_answer(s[0], Q2) == [50, 100, 250, 600]

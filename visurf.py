@@ -454,8 +454,6 @@ def coco_from_samples(samples):
     """A pycocotools ground truth for samples that did not come from a COCO file."""
     images, anns, cats = {}, [], {}
     for s in samples:
-        s.setdefault("image_id", len(images))  # one image per sample where none was named
-        s.setdefault("category_id", 1 + sorted({x["query"] for x in samples}).index(s["query"]))
         images[s["image_id"]] = {"id": s["image_id"], "width": s["size"][0], "height": s["size"][1]}
         cats[s["category_id"]] = {"id": s["category_id"], "name": s["query"]}
         for x1, y1, x2, y2 in s["answer"]:
