@@ -51,7 +51,7 @@ def build_weights(arch, path, seed):
         torch.manual_seed(seed)
         model = Qwen2VLForConditionalGeneration(config)
     total, vision = (sum(p.numel() for p in m.parameters()) for m in (model, model.model.visual))
-    print(f"arch {arch}: {total / 1e9:.3f}B parameters, {vision / 1e9:.3f}B of them in the vision tower")
+    print(f"arch {arch}: {total / 1e6:,.2f}M parameters, {vision / 1e6:,.2f}M of them in the vision tower")
     model.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
