@@ -211,27 +211,22 @@ def select_prompts(prompts, idx):
 
 
 def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
-    """n completions per prompt in one generate call. -> [B*n, T] token ids."""
+    """n completions per prompt in one generate call. -> B*n token lists, each up to and
+    including its first end-of-turn token (all of it if it never ended)."""
     tok = processor.tokenizer
+    eot = tok.convert_tokens_to_ids(END_OF_TURN)
     # set every sampling knob: a checkpoint's generation_config (Qwen2-VL ships top_k=1)
     # would otherwise make all G samples identical and the loss sit at 0
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                              eos_token_id=tok.convert_tokens_to_ids(END_OF_TURN),
+                              eos_token_id=eot,
                               pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
                               # a young model samples vision tokens, which break the next forward
                               suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
     idx = torch.arange(prompts["input_ids"].shape[0], device=prompts["input_ids"].device).repeat_interleave(n)
     out = model.generate(**select_prompts(prompts, idx), generation_config=config)
-    return out[:, prompts["input_ids"].shape[1]:]
-
-
-def trim(ids, eos):
-    """Token lists up to and including the first end-of-turn token."""
-    out = []
-    for row in ids.tolist():
-        out.append(row[:row.index(eos) + 1] if eos in row else row)
-    return out
+    rows = out[:, prompts["input_ids"].shape[1]:].tolist()          # [B*n, T], padded after the end
+    return [r[:r.index(eot) + 1] if eot in r else r for r in rows]
 
 
 def token_logprobs(model, prompts, completions, per_prompt):
@@ -289,8 +284,7 @@ def make_groups(model, processor, samples, conv, args):
     t = time.time()
     model.eval()  # in train mode, gradient checkpointing would switch off the KV cache
     with torch.no_grad(), autocast(device):
-        rollouts = trim(generate(model, processor, prompts, G, args.max_new_tokens,
-                                 min_new_tokens=args.min_new_tokens), eos)
+        rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
     t = time.time()
     completions, advantages, r_all, r_gt, fired, a_gt = [], [], [], [], [], []
@@ -305,7 +299,8 @@ def make_groups(model, processor, samples, conv, args):
             r_gt.append(ry)
             fired.append(f)
         adv = group_advantages(r)
-        a_gt.append(float(adv[-1]))  # the label's, in visurf mode
+        if args.mode == "visurf":
+            a_gt.append(float(adv[-1]))
         completions += group
         advantages.append(adv)
     stats["t_score"] = time.time() - t
@@ -338,7 +333,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     # the loss is a sum over micro-batches; fix its denominator for the whole batch
     denom = len(completions) if args.loss_agg == "sequence" else sum(map(len, completions))
     mb = args.micro_batch or B
-    old, loss_total, t_fb, t_opt = {}, 0.0, 0.0, 0.0
+    old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
     model.train()
     for epoch in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -354,11 +349,10 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
                 else:
                     # pi_old: the policy that sampled, i.e. this one before the first update
                     old.setdefault(b0, logp.detach())
-                    ref = None
-                    if args.beta > 0:
+                    if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
                         with torch.no_grad():
-                            ref = token_logprobs(ref_model, sub, completions[rows], per)[0]
-                    loss = policy_loss(logp, old[b0], adv[rows], mask, args.clip_eps, denom, ref, args.beta)
+                            ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
+                    loss = policy_loss(logp, old[b0], adv[rows], mask, args.clip_eps, denom, ref.get(b0), args.beta)
             loss.backward()
             loss_total += loss.item() / args.ppo_epochs
         t_fb += time.time() - t
@@ -387,8 +381,8 @@ def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
     for i in range(0, len(samples), args.eval_batch_size):
         prompts = encode_prompts(processor, samples[i:i + args.eval_batch_size], conv, device)
         with torch.no_grad(), autocast(device):
-            ids = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
-        texts += [tok.decode(c, skip_special_tokens=True) for c in trim(ids, tok.convert_tokens_to_ids(END_OF_TURN))]
+            outputs = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
+        texts += [tok.decode(c, skip_special_tokens=True) for c in outputs]
     return eval_metrics(samples, texts, conv, info, out_dir), texts
 
 
