@@ -8,15 +8,16 @@ A sample is a plain dict:
     size      (width, height) of the image after EXIF orientation
     answer    ground truth in ORIGINAL-IMAGE PIXELS: a list of [x1, y1, x2, y2] boxes
               (empty: "No Objects"), one box, or a label string
-    raw       the dataset's own answer string (used when rule 1 is ablated)
     query     the category (detection), the referring expression (grounding), the
               question (classification)
     plus      classes (classification), image_id / category_id (COCO, for COCOeval),
-              problem (Visual-RFT records: their own question text)
+              problem / solution (Visual-RFT records: their own question and answer text)
 
 Boxes are converted to and from the model's convention in one place,
 `to_model` / `to_pixels`: Qwen2-VL writes 0..1000 of the original width and height,
-Qwen2.5-VL writes pixels of the image its processor resized.
+Qwen2.5-VL writes pixels of the image its processor resized. The convention a
+completion is written and scored in is the one its prompt asks for
+(`prompt_convention`): a Visual-RFT record's own question says 0..1000 for every model.
 """
 import collections
 import contextlib
@@ -72,9 +73,17 @@ def to_pixels(box, size, conv):
     return [v / s for v, s in zip(box, (sx, sy, sx, sy))]
 
 
+def prompt_convention(sample, conv):
+    """The coordinates this sample's completions are written and scored in: what its prompt
+    asks for. Our prompts ask for the model family's own; a record's own question
+    (Visual-RFT's `problem`) says "between 0 and 1000" for every model, Qwen2.5-VL
+    included, so it is scored in Qwen2-VL's 0..1000 (SPEC §4)."""
+    return conv._replace(family="qwen2_vl") if sample.get("problem") else conv
+
+
 def model_answer(sample, conv):
-    """The ground truth in the model's convention: what rewards.score compares against."""
-    a, size = sample["answer"], sample["size"]
+    """The ground truth in the prompt's convention: what rewards.score compares against."""
+    a, size, conv = sample["answer"], sample["size"], prompt_convention(sample, conv)
     if sample["task"] == "detection":
         return [to_model(b, size, conv) for b in a]
     if sample["task"] == "grounding":
@@ -85,46 +94,71 @@ def model_answer(sample, conv):
 # ----------------------------------------------------------------------------
 # Prompts and answers
 
-def format_answer(task, value, confidences=None):
+def answer_style(sample):
+    """How the prompt's example writes an answer. Ours: double-quoted keys, [x1, y1, x2, y2].
+    A record's own question may show single-quoted keys (Visual-RFT detection) or
+    (x1,y1),(x2,y2) (Visual-RFT's LISA grounding); rule 1 follows what it shows."""
+    p = (sample.get("problem") or "").replace(" ", "")
+    return {"quote": "'" if "'Position'" in p else '"', "pairs": "(x1,y1),(x2,y2)" in p}
+
+
+def format_answer(task, value, confidences=None, style=None):
     """The text inside <answer></answer>. The prompt's example and the ground truth
     (rule 1) both come from here, so they share keys, quotes and spacing."""
+    style = style or {"quote": '"', "pairs": False}
     if task == "detection":
         if not value:
             return "No Objects"
         confidences = confidences or [1.0] * len(value)
-        return "[" + ", ".join(
-            '{"Position": [%s], "Confidence": %s}' % (", ".join(str(v) for v in box),
-                                                      c if isinstance(c, str) else f"{c:.2f}")
-            for box, c in zip(value, confidences)) + "]"
+        item = "{%(q)sPosition%(q)s: [%%s], %(q)sConfidence%(q)s: %%s}" % {"q": style["quote"]}
+        return "[" + ", ".join(item % (", ".join(str(v) for v in box), c if isinstance(c, str) else f"{c:.2f}")
+                               for box, c in zip(value, confidences)) + "]"
     if task == "grounding":
+        if style["pairs"]:
+            return "(%s,%s),(%s,%s)" % tuple(value)
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
 
 
+def dataset_answer(sample, conv):
+    """The same answer as the dataset itself writes it: a Visual-RFT record's own solution,
+    else compact JSON (no spaces) in the prompt's coordinates, or the bare label."""
+    if sample.get("solution"):
+        own = rewards.extract_answer(sample["solution"])
+        return sample["solution"].strip() if own is None else own
+    answer, compact = model_answer(sample, conv), dict(separators=(",", ":"))
+    if sample["task"] == "detection":
+        return json.dumps([{"Position": b, "Confidence": 1} for b in answer], **compact) if answer else "No Objects"
+    return json.dumps(answer, **compact) if sample["task"] == "grounding" else str(answer)
+
+
 def gt_completion(sample, conv, align=True):
-    """Rule 1: the label written the way a rollout writes its answer. With the rule
-    off, the dataset's own answer string."""
+    """Rule 1: the label written exactly as a rollout writes its answer. With the rule off,
+    the same answer in the dataset's own style, its tags padded with spaces as in
+    Visual-RFT's LISA solutions: it earns the same answer reward, only its tokens differ."""
     if not align:
-        return sample["raw"]
-    return "<answer>" + format_answer(sample["task"], model_answer(sample, conv)) + "</answer>"
+        return "<answer> " + dataset_answer(sample, conv) + " </answer>"
+    return "<answer>" + format_answer(sample["task"], model_answer(sample, conv), style=answer_style(sample)) + "</answer>"
 
 
 def prompt_text(sample, conv):
+    """Our question, with the format it expects. A record's own question (Visual-RFT's
+    `problem`) already carries its format and example, so it is used verbatim."""
+    if sample.get("problem"):
+        return sample["problem"]
     task, coords = sample["task"], COORDS[conv.family]
     if task == "detection":
         example = format_answer(task, [["x1", "y1", "x2", "y2"]], ["0.90"])
-        ask = sample.get("problem") or (
-            f"Detect every {sample['query']} in the image. Give each as a bounding box "
-            f"[x1, y1, x2, y2] in {coords}, with a confidence from 0 to 1 with two decimals. "
-            f"If there is no {sample['query']}, answer No Objects.")
+        ask = (f"Detect every {sample['query']} in the image. Give each as a bounding box "
+               f"[x1, y1, x2, y2] in {coords}, with a confidence from 0 to 1 with two decimals. "
+               f"If there is no {sample['query']}, answer No Objects.")
     elif task == "grounding":
         example = format_answer(task, ["x1", "y1", "x2", "y2"])
-        ask = sample.get("problem") or (
-            f"Locate {sample['query']} and give its bounding box [x1, y1, x2, y2] in {coords}.")
+        ask = f"Locate {sample['query']} and give its bounding box [x1, y1, x2, y2] in {coords}."
     else:
         example = "label"
         classes = sample.get("classes") or []
-        ask = sample.get("problem") or sample["query"]
+        ask = sample["query"]
         if 0 < len(classes) <= 30:  # longer lists cost more prompt than they help
             ask += " Answer with one of: " + ", ".join(classes) + "."
     return ask + " " + THINK.format(example=example)
@@ -136,12 +170,27 @@ def messages(sample, conv):
 
 
 def open_image(sample):
-    """RGB, EXIF orientation applied. Paths are opened only when needed."""
+    """RGB, EXIF orientation applied. Paths (and embedded bytes) are decoded only when needed."""
     img = sample["image"]
     if isinstance(img, Image.Image):
         return img
-    with Image.open(img) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+    with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def to_rgb(im):
+    """8-bit RGB from any mode: 16-bit and float images are scaled, not clipped (PIL's own
+    convert would turn a 16-bit PNG near-white); transparency is laid over white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        px = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        # integers: 16-bit range unless larger; floats: 0..1 unless larger; else their maximum
+        fits = px.max() <= (1.0 if im.mode == "F" else 65535.0)
+        top = (1.0 if im.mode == "F" else 65535.0) if fits else px.max()
+        im = Image.fromarray(np.clip(px / top * 255.0, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +234,7 @@ def synthetic(task, n, seed, split="train", shift=False):
     rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], int(shift)])
     names, out = list(COLOURS), []
     for i in range(n):
-        s = {"task": task, "id": f"synthetic {split}: record {i}", "raw": None}
+        s = {"task": task, "id": f"synthetic {split}: record {i}"}
         if task == "classification":
             size, colour = (56, 56), names[i % len(names)]  # balanced classes
             shapes = [(colour, _place(rng, size, 1, 20, 40)[0])]
@@ -204,7 +253,6 @@ def synthetic(task, n, seed, split="train", shift=False):
                 target, box = shapes[int(rng.integers(k))]
                 s.update(answer=box, query=f"the {target} shape")
         s.update(image=_draw(rng, size, shapes, shift), size=size)
-        s["raw"] = s["answer"] if task == "classification" else json.dumps(s["answer"])
         out.append(s)
     return out
 
@@ -226,18 +274,25 @@ def restrict(samples, colours):
 # ----------------------------------------------------------------------------
 # Loading real data: every record is checked when loaded
 
-def _image_size(path):
-    """(w, h) after EXIF rotation, reading only the header."""
+def _image_size(image):
+    """(w, h) after EXIF rotation of a path or embedded bytes. The image is decoded once
+    (at reduced scale where the format allows), so a truncated or corrupt file fails here,
+    when the data is loaded, not at some step of training; nothing is kept."""
+    name = "embedded image" if isinstance(image, bytes) else image
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             w, h = im.size
             if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
+            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # JPEG: decode at 1/8
+            im.load()
             return w, h
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}")
+        raise DataError(f"image not found: {name}")
+    except IsADirectoryError:
+        raise DataError(f"image path is a folder: {name}")
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {e.__class__.__name__}")
+        raise DataError(f"cannot read image {name}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}")
 
 
 def _check_box(box, size):
@@ -255,7 +310,7 @@ def _check_box(box, size):
 
 def _read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not an error
             return json.load(f)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
@@ -267,7 +322,7 @@ def _read_records(path, data=None):
     """JSON list (already parsed as `data`, if given) or JSONL -> [(where, record)]."""
     if path.endswith(".jsonl"):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
@@ -285,8 +340,63 @@ def _read_records(path, data=None):
     return [(f"{path}: record {i}", r) for i, r in enumerate(data)]
 
 
+def _hf_files(path):
+    """Parquet files of a Hugging Face dataset: the file itself, or every one in the folder."""
+    if path.endswith(".parquet"):
+        return [path]
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(".parquet"))
+
+
+def is_hf_dataset(path):
+    return path.endswith(".parquet") or os.path.isdir(path) and (
+        any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        or bool(_hf_files(path)))
+
+
+def _read_hf(path):
+    """Visual-RFT's released data: a `save_to_disk` folder or parquet file(s) of
+    {image, problem, solution} whose `image` column holds the image itself (SPEC §5).
+    Read through the optional `datasets` package; the images stay encoded until used."""
+    try:
+        import datasets
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{path}: a Hugging Face dataset; reading it needs the datasets package "
+                        f"(pip install datasets)")
+    try:
+        if _hf_files(path) and not os.path.exists(os.path.join(path, "dataset_dict.json")) \
+                and not os.path.exists(os.path.join(path, "state.json")):
+            table = pyarrow.concat_tables([pyarrow.parquet.read_table(f) for f in _hf_files(path)])
+        else:
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                split = "train" if "train" in ds else next(iter(ds)) if len(ds) == 1 else None
+                if split is None:
+                    raise DataError(f"{path}: splits {sorted(ds)} and none is 'train'")
+                ds = ds[split]
+            table = ds.with_format("arrow")[:]
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as a Hugging Face dataset ({str(e).splitlines()[0][:200]})")
+    missing = {"image", "problem", "solution"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{path}: columns {sorted(table.column_names)}; needs image, problem and solution")
+    rows = table.select(["image", "problem", "solution"]).to_pylist()
+    for r in rows:  # the Image feature stores {"bytes": PNG/JPEG bytes, "path": ...}
+        if isinstance(r["image"], dict):
+            r["image"] = r["image"].get("bytes") or r["image"].get("path")
+    return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
+
+
+_LOOKS_LIKE_BOXES = re.compile(r"""position|[\[(]\s*["']?[-+]?\d""", re.I)
+
+
 def _parse_solution(solution, size):
-    """A Visual-RFT solution ('<answer>...</answer>', boxes in 0..1000) -> (task, pixel answer)."""
+    """A Visual-RFT solution ('<answer>...</answer>', boxes in 0..1000) -> (task, pixel answer).
+    Detection lists and 'No Objects' are detection; one box, [x1, y1, x2, y2] or LISA's
+    (x1,y1),(x2,y2), is grounding; anything that looks like boxes but can't be read is an
+    error, never a class label."""
     text = rewards.extract_answer(solution)
     text = solution.strip() if text is None else text
     w, h = size
@@ -295,37 +405,47 @@ def _parse_solution(solution, size):
     if boxes or no_objects:
         return "detection", [_check_box(to_px(b), size) for b in boxes]
     box = rewards.parse_box(text)
-    if box is not None:
+    if box is not None and "position" not in text.lower():
         return "grounding", _check_box(to_px(box), size)
+    if _LOOKS_LIKE_BOXES.search(text):
+        raise DataError(f"solution {text[:80]!r} looks like boxes but cannot be read")
     if not text:
         raise DataError("empty solution")
     return "classification", text
 
 
+def _text_field(r, key):
+    v = r.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        v = str(v)  # a numeric class id
+    if not isinstance(v, str) or not v.strip():
+        raise DataError(f"'{key}' must be a non-empty string (got {v!r:.60})")
+    return v.strip()
+
+
 def _record(where, r, root, classes):
-    """One {image, ...} record -> sample."""
-    if not isinstance(r, dict) or "image" not in r:
-        raise DataError("not a record with an 'image' field")
-    path = os.path.join(root, str(r["image"]))
-    size = _image_size(path)
-    s = {"id": where, "image": path, "size": size}
+    """One {image, ...} record -> sample. Visual-RFT's notebook names the image `image_path`."""
+    if not isinstance(r, dict) or not ({"image", "image_path"} & set(r)):
+        raise DataError("not a record with an 'image' (or 'image_path') field")
+    image = r["image"] if "image" in r else r["image_path"]
+    if not isinstance(image, (str, bytes)) or not image:
+        raise DataError(f"'image' must be a path (got {image!r:.60})")
+    if isinstance(image, str):
+        image = os.path.join(root, image)
+    s = {"id": where, "image": image, "size": _image_size(image)}
     if "solution" in r:  # Visual-RFT: {image, problem, solution}
-        task, answer = _parse_solution(str(r["solution"]), size)
-        problem = str(r.get("problem", ""))
-        quoted = re.search(r"""['"]([^'"]{1,60})['"]""", problem)  # "...the category 'dog'..."
-        s.update(task=task, answer=answer, raw=str(r["solution"]), problem=problem,
-                 query=str(r.get("category") or (quoted.group(1) if quoted else problem)))
+        solution, problem = _text_field(r, "solution"), _text_field(r, "problem")
+        task, answer = _parse_solution(solution, s["size"])
+        quoted = re.search(r"""category ['"]([^'"]{1,60})['"]""", problem)  # "...the category 'dog'..."
+        query = r.get("category") or (quoted.group(1) if quoted and task == "detection" else problem)
+        s.update(task=task, answer=answer, solution=solution, problem=problem, query=str(query))
     elif "bbox" in r:  # grounding: {image, expression, bbox}
-        if not isinstance(r.get("expression"), str) or not r["expression"].strip():
-            raise DataError("missing 'expression'")
-        s.update(task="grounding", answer=_check_box(r["bbox"], size), query=r["expression"].strip(),
-                 raw=json.dumps(r["bbox"]))
+        s.update(task="grounding", answer=_check_box(r["bbox"], s["size"]), query=_text_field(r, "expression"))
     elif "label" in r:  # classification: {image, label}
-        label = str(r["label"])
+        label = _text_field(r, "label")
         if classes is not None and label not in classes:
             raise DataError(f"label {label!r} is not in the class list")
-        s.update(task="classification", answer=label, raw=label,
-                 query="What is the category of the main object in the image?")
+        s.update(task="classification", answer=label, query="What is the category of the main object in the image?")
     else:
         raise DataError("record needs 'solution', 'bbox' or 'label'")
     return s
@@ -373,6 +493,11 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
         for i, x in enumerate(data[kind]):
             if not isinstance(x, dict) or any(k not in x for k in keys):
                 raise DataError(f"{path}: {kind}[{i}]: needs the fields {', '.join(keys)}")
+    for kind in ("images", "categories"):
+        ids = collections.Counter(x["id"] for x in data[kind])
+        dup = [i for i, n in ids.items() if n > 1]
+        if dup:
+            raise DataError(f"{path}: {kind}: id {dup[0]!r} appears {ids[dup[0]]} times")
     for a in data["annotations"]:  # LVIS has no iscrowd; COCOeval wants it
         a.setdefault("iscrowd", 0)
         if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4:
@@ -420,7 +545,7 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
         answer = boxes[img_id].get(cat_id, [])
         name = coco.cats[cat_id]["name"]
         return {"task": "detection", "id": f"{path}: image id {img_id}", "image": p, "size": size,
-                "answer": answer, "raw": json.dumps(answer), "query": name.replace("_", " "),
+                "answer": answer, "query": name.replace("_", " "),
                 "image_id": img_id, "category_id": cat_id}
 
     if split == "eval":
@@ -448,7 +573,10 @@ def load(path, images=None, categories=None, shots=None, negatives=0.0, seed=0, 
     """Any supported dataset -> (samples, info). `info` has task, classes, coco, category_ids."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
-    if os.path.isdir(path):
+    if is_hf_dataset(path):
+        records, classes = _read_hf(path), None
+        root = images or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    elif os.path.isdir(path):
         records, classes = load_classification_folder(path)
         root = path
     else:

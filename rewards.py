@@ -34,6 +34,7 @@ _FORMAT = re.compile(
 # characters, so a runaway completion ("[[[[...", "1111...") costs linear time.
 _NUM = r"""["']? ?([-+]?(?:\d{1,32}(?:\.\d{0,32})?|\.\d{1,32})(?:[eE][-+]?\d{1,4})?|nan|-?inf(?:inity)?) ?["']?"""
 _BOX = re.compile(r"\[ ?" + r" ?, ?".join([_NUM] * 4) + r" ?\]", re.I)
+_PAIRS = re.compile(r"\( ?" + _NUM + r" ?, ?" + _NUM + r" ?\) ?, ?\( ?" + _NUM + r" ?, ?" + _NUM + r" ?\)", re.I)
 _POSITION = re.compile(r"""position["']? ?: ?(\[[^\]]*\])""", re.I)
 _CONFIDENCE = re.compile(r"""confidence["']? ?: ?""" + _NUM, re.I)
 _RUNS = re.compile(r"\s+|\[[\s\[]*|\][\s\]]*")
@@ -64,10 +65,13 @@ def _number(s):
 
 
 def parse_box(text):
-    """First [x1, y1, x2, y2] in `text` as floats, or None. Non-finite values -> None."""
-    m = _BOX.search(_clean(text))
-    if not m:
+    """The first box in `text`, written [x1, y1, x2, y2] or (x1,y1),(x2,y2) (Visual-RFT's
+    LISA grounding), as four floats; None if there is none or a value is not finite."""
+    text = _clean(text)
+    found = [m for m in (_BOX.search(text), _PAIRS.search(text)) if m]
+    if not found:
         return None
+    m = min(found, key=lambda m: m.start())
     box = [_number(g) for g in m.groups()]
     return box if all(math.isfinite(v) for v in box) else None
 

@@ -42,27 +42,78 @@ def assert_clean_error(rc, err, *needles):
 # =============================================================================
 # The math of one group
 
-def test_rule3_worked_cases():
-    # SPEC §2, G = 4, r(y) = 1 before smoothing
-    assert visurf.smooth_gt_reward([0, 0, 0, 0], 1.0) == 1.0
-    assert visurf.group_advantages([0, 0, 0, 0, 1.0])[-1] > 0
-    assert visurf.smooth_gt_reward([0, 1, 0, 1], 1.0) == 0.5
-    assert visurf.group_advantages([0, 1, 0, 1, 0.5])[-1].item() == 0.0
-    assert visurf.smooth_gt_reward([1, 1, 1, 1], 1.0) == 1.0
-    assert visurf.group_advantages([1, 1, 1, 1, 1.0]).abs().sum().item() == 0.0
-    # the comparison is >=, and it uses r(y) after rule 2
-    assert visurf.smooth_gt_reward([0.2, 0.7], 0.7) == pytest.approx(0.45)
-    assert visurf.gt_reward({"think": 0.0, "accuracy": 1.0}, [1.0, 0.0]) == (0.5, True)
-    assert visurf.gt_reward({"think": 0.0, "accuracy": 1.0}, [0.0, 0.0]) == (1.0, False)
+# real completions, scored by rewards.score: (think, accuracy) for the label "red"
+MALFORMED_WRONG = "blue"                                     # (0, 0)
+MALFORMED_RIGHT = "<answer>red</answer>"                     # (0, 1): the label itself
+FORMATTED_WRONG = "<think>it looks blue</think><answer>blue</answer>"  # (1, 0)
+FORMATTED_RIGHT = "<think>it looks red</think><answer>red</answer>"    # (1, 1)
 
 
-def test_rule2_and_ablations():
-    parts = {"think": 1.0, "iou": 0.75, "confidence": 1.0}  # as if the label had reasoned
-    assert visurf.gt_reward(parts, [0.0, 0.0]) == (1.75, False)
-    assert visurf.gt_reward(dict(parts, think=0.0), [0.0], ablate=["think"]) == (2.75, False)
-    # smoothing off: the label keeps its reward even when rollouts beat it
-    assert visurf.gt_reward(parts, [3.0, 3.0], ablate=["smooth"]) == (1.75, False)
-    assert visurf.gt_reward(parts, [3.0, 1.0]) == (2.0, True)
+def parts_of(*texts):
+    return [rewards.score("classification", t, "red") for t in texts]
+
+
+def label_group(rollouts, w, ablate=()):
+    """-> (label reward, fired, advantages over the G+1 totals) for the label 'red'."""
+    parts = parts_of(*rollouts)
+    ry, fired = visurf.gt_reward(parts_of(MALFORMED_RIGHT)[0], parts, w, ablate)
+    adv = visurf.group_advantages([visurf.total_reward(p, w) for p in parts] + [ry])
+    return ry, fired, adv
+
+
+def test_real_strings_score_as_the_worked_cases_assume():
+    assert [(p["think"], p["accuracy"]) for p in parts_of(
+        MALFORMED_WRONG, MALFORMED_RIGHT, FORMATTED_WRONG, FORMATTED_RIGHT)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert visurf.total_reward({"think": 1.0, "accuracy": 1.0}, 1 / 3) == pytest.approx(4 / 3)
+    assert visurf.total_reward({"think": 1.0, "iou": 0.5, "confidence": 0.25}, 1.0) == 1.75
+
+
+@pytest.mark.parametrize("w", [1 / 3, 1.0])
+def test_rule3_worked_cases(w):
+    """SPEC §2's worked cases, G = 4, through gt_reward with real rewards.score outputs."""
+    # rollouts all (0, 0), label (0, 1): no smoothing, A_y > 0
+    ry, fired, adv = label_group([MALFORMED_WRONG] * 4, w)
+    assert (ry, fired) == (1.0, False) and adv[-1] > 0
+    assert adv[-1].item() == pytest.approx(4 / math.sqrt(5), rel=1e-5)
+    # (0,0), (0,1), (0,0), (0,1): fires, r(y) = 0.5, A_y = 0 exactly
+    ry, fired, adv = label_group([MALFORMED_WRONG, MALFORMED_RIGHT] * 2, w)
+    assert (ry, fired) == (0.5, True) and adv[-1].item() == 0.0
+    # all (0, 1): fires, every advantage 0
+    ry, fired, adv = label_group([MALFORMED_RIGHT] * 4, w)
+    assert fired and adv.abs().sum().item() == 0.0
+    # all (1, 0), formatted but wrong: rule 3 does not fire, whatever w
+    ry, fired, adv = label_group([FORMATTED_WRONG] * 4, w)
+    assert (ry, fired) == (1.0, False)
+    if w < 1:
+        assert adv[-1] > 0  # the right label outranks the formatted wrong answers
+    else:
+        assert adv.abs().sum().item() == 0.0  # Visual-RFT's sum: w + 0 ties 0 + 1, nothing is learnt
+    # (1,1), (1,0), (1,0), (1,0): fires; r(y) = mean(1 + w, w, w, w) = w + 0.25, A_y = 0
+    ry, fired, adv = label_group([FORMATTED_RIGHT] + [FORMATTED_WRONG] * 3, w)
+    assert fired and ry == pytest.approx(w + 0.25) and adv[-1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rule3_no_longer_fires_on_a_formatted_wrong_rollout():
+    """Comparing totals (the old rule), one formatted-but-wrong rollout among malformed ones
+    tied the label at w = 1 (1 + 0 >= 0 + 1): A_y became 0 and the wrong rollout took +1.73."""
+    rollouts = [FORMATTED_WRONG] + [MALFORMED_WRONG] * 3
+    totals = [visurf.total_reward(p, 1.0) for p in parts_of(*rollouts)]
+    old = visurf.smooth_gt_reward(totals, 1.0)  # the totals-only reading, kept as the default
+    assert old == 0.25 and visurf.group_advantages(totals + [old])[0].item() == pytest.approx(math.sqrt(3), rel=1e-5)
+    ry, fired, adv = label_group(rollouts, 1.0)
+    assert (ry, fired) == (1.0, False)
+    assert adv[-1] > 0 and adv[-1] == adv.max()
+
+
+def test_rule2_and_its_ablation():
+    label = {"think": 1.0, "iou": 0.75, "confidence": 1.0}  # as if the label had reasoned
+    nothing = [{"think": 0.0, "iou": 0.0, "confidence": 0.0}]
+    assert visurf.gt_reward(label, nothing, 1 / 3) == (1.75, False)  # rule 2: think removed
+    assert visurf.gt_reward(dict(label, think=0.0), nothing, 1 / 3, ablate=["think"]) == (pytest.approx(1.75 + 1 / 3), False)
+    # smoothing off: the label keeps its reward even when rollouts answer better
+    better = [{"think": 1.0, "iou": 1.0, "confidence": 1.0}] * 2
+    assert visurf.gt_reward(label, better, 1.0, ablate=["smooth"]) == (1.75, False)
+    assert visurf.gt_reward(label, better + nothing, 1.0) == (pytest.approx(2.0), True)  # mean(3, 3, 0)
 
 
 def test_group_advantages_by_hand():
@@ -78,20 +129,32 @@ def test_group_advantages_by_hand():
     assert not torch.isnan(visurf.group_advantages([0.0])).any()
 
 
-def test_policy_loss_clipping_and_aggregation():
+def test_policy_loss_clipping():
     logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
     old = torch.log(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))  # ratio 2 on the first token
     adv = torch.tensor([1.0, -1.0])
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    # seq 0 (A=+1): min(2, 1.2) + min(1, 1) = 2.2; seq 1 (A=-1): -max(2, 1.2) = -2 (masked 2nd token)
-    loss = visurf.policy_loss(logp, old, adv, mask, 0.2, denom=2)
-    assert loss.item() == pytest.approx(-(2.2 - 2.0) / 2)
-    loss_tok = visurf.policy_loss(logp, old, adv, mask, 0.2, denom=mask.sum())
-    assert loss_tok.item() == pytest.approx(-(2.2 - 2.0) / 3)
+    # A=+1: min(2, 1.2) = 1.2 then 1; A=-1: -max(2, 1.2) = -2 then -1 (losses are the negatives)
+    per_token = visurf.policy_loss(logp, old, adv, 0.2)
+    assert per_token.flatten().tolist() == pytest.approx([-1.2, -1.0, 2.0, 1.0])
     # k3 KL is zero at the reference and positive elsewhere
-    same = visurf.policy_loss(logp, logp, adv * 0, mask, 0.2, 1, ref_logp=logp, beta=0.1)
-    assert same.item() == 0.0
-    assert visurf.policy_loss(logp, logp, adv * 0, mask, 0.2, 1, ref_logp=old, beta=0.1).item() > 0
+    assert visurf.policy_loss(logp, logp, adv * 0, 0.2, ref_logp=logp, beta=0.1).abs().sum().item() == 0.0
+    assert (visurf.policy_loss(logp, logp, adv * 0, 0.2, ref_logp=old, beta=0.1) > 0).any()
+
+
+def test_loss_aggregations_by_hand():
+    """Two sequences of 3 and 1 tokens: the three aggregations of SPEC §1."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    agg = lambda how: visurf.aggregate(per_token, mask, how, n_seqs=2, n_tokens=4).item()
+    assert agg("sum") == (6 + 4) / 2
+    assert agg("token-mean") == (6 + 4) / 4
+    assert agg("seq-mean-token-mean") == (6 / 3 + 4 / 1) / 2  # the short sequence weighs more
+    # through the policy loss: ratio 1, advantages +1 and -1 -> per-token -1 and +1
+    logp = torch.log(torch.full((2, 3), 0.5))
+    pl = visurf.policy_loss(logp, logp, torch.tensor([1.0, -1.0]), 0.2)
+    assert visurf.aggregate(pl, mask, "sum", 2, 4).item() == pytest.approx((-3 + 1) / 2)
+    assert visurf.aggregate(pl, mask, "token-mean", 2, 4).item() == pytest.approx((-3 + 1) / 4)
+    assert visurf.aggregate(pl, mask, "seq-mean-token-mean", 2, 4).item() == pytest.approx((-1 + 1) / 2)
 
 
 # =============================================================================
@@ -102,6 +165,24 @@ def tiny():
     args = visurf.parse_args(["--group-size", "4", "--batch-size", "1", "--max-new-tokens", "6"])
     model, processor, conv = visurf.load_model("tiny", args)
     return model, processor, conv, args
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    """The tiny model in float64, so that float32 rounding in the long sums of a gradient
+    can't decide whether an identity holds."""
+    import copy
+    model, processor, conv, args = tiny
+    return copy.deepcopy(model).double(), processor, conv, args
+
+
+def assert_same_gradient(a, b):
+    """Equal up to 1e-5 of the gradient's largest entry. In float64 the two sides differ by
+    about 1e-7 of it (the vision and rotary embeddings compute in float32 whatever the
+    model's dtype), a 100-fold margin; a wrong identity is off by the gradient itself."""
+    scale = a.abs().max()
+    assert scale > 1e-4, "a vanishing gradient proves nothing"
+    assert (a - b).abs().max() <= 1e-5 * scale, ((a - b).abs().max(), scale)
 
 
 def flat_grad(model, loss):
@@ -115,44 +196,46 @@ def seq_logprob(model, prompts, completion):
     return (logp * mask).sum()
 
 
-def test_visurf_gradient_is_weighted_sum_of_sequence_gradients(tiny):
-    model, processor, conv, args = tiny
+def test_visurf_gradient_is_weighted_sum_of_sequence_gradients(tiny64):
+    model, processor, conv, args = tiny64
     torch.manual_seed(1)
     sample = data.synthetic("classification", 1, 0)[0]
     prompts, comps, adv, per, _ = visurf.make_groups(model, processor, [sample], conv, args)
-    adv = torch.tensor([0.9, -1.3, 0.2, -0.4, 1.7])  # any advantages: the identity holds for all
+    adv = torch.tensor([0.9, -1.3, 0.2, -0.4, 1.7], dtype=torch.float64)  # the identity holds for any
     logp, mask = visurf.token_logprobs(model, prompts, comps, per)
-    loss = visurf.policy_loss(logp, logp.detach(), adv, mask, args.clip_eps, denom=len(comps))
-    g = flat_grad(model, loss)
+    pt = visurf.policy_loss(logp, logp.detach(), adv, args.clip_eps)
+    g = flat_grad(model, visurf.aggregate(pt, mask, "sum", len(comps), mask.sum()))
     G = args.group_size
     expected = sum(-adv[i] / (G + 1) * flat_grad(model, seq_logprob(model, prompts, c))
                    for i, c in enumerate(comps))
-    assert torch.allclose(g, expected, rtol=1e-4, atol=1e-7)
-    assert g.abs().max() > 0
+    assert g.dtype == torch.float64
+    assert_same_gradient(g, expected)
 
 
-def test_label_term_is_scaled_sft_gradient(tiny):
+def test_label_term_is_scaled_sft_gradient(tiny64):
     """Every rollout scores the same c < r(y): A_y = G/sqrt(G+1), and the ViSurf gradient is
     A_y/(G+1) times the SFT gradient of the label, plus A_j/(G+1) times the rollouts'
     score-function term (a baseline with zero mean, so SFT is exact in expectation)."""
-    model, processor, conv, args = tiny
+    model, processor, conv, args = tiny64
     torch.manual_seed(2)
     sample = data.synthetic("classification", 1, 0)[0]
     prompts, comps, adv, per, stats = visurf.make_groups(model, processor, [sample], conv, args)
     G = args.group_size
     assert stats["reward"] == 0.0 and stats["gt_reward"] == 1.0  # the random model can't answer yet
     assert adv[-1].item() == pytest.approx(G / math.sqrt(G + 1), rel=1e-5)
+    adv = adv.double()
     logp, mask = visurf.token_logprobs(model, prompts, comps, per)
-    g_visurf = flat_grad(model, visurf.policy_loss(logp, logp.detach(), adv, mask, 0.2, denom=G + 1))
+    pt = visurf.policy_loss(logp, logp.detach(), adv, 0.2)
+    g_visurf = flat_grad(model, visurf.aggregate(pt, mask, "sum", G + 1, mask.sum()))
     lp, m = visurf.token_logprobs(model, prompts, comps[-1:], 1)
-    g_sft = flat_grad(model, visurf.sft_loss(lp, m, denom=1))  # the SFT path's own loss
+    g_sft = flat_grad(model, visurf.aggregate(-lp, m, "sum", 1, m.sum()))  # the SFT path's own loss
     g_rollouts = sum(flat_grad(model, -seq_logprob(model, prompts, c)) for c in comps[:-1])
     A_y, A_j = adv[-1].item(), adv[0].item()
-    assert torch.allclose(g_visurf, A_y / (G + 1) * g_sft + A_j / (G + 1) * g_rollouts, rtol=1e-4, atol=1e-7)
+    assert_same_gradient(g_visurf, A_y / (G + 1) * g_sft + A_j / (G + 1) * g_rollouts)
 
 
-def test_grpo_is_visurf_without_the_label(tiny):
-    model, processor, conv, args = tiny
+def test_grpo_is_visurf_without_the_label(tiny64):
+    model, processor, conv, args = tiny64
     samples = data.synthetic("classification", 2, 3)
     grpo = visurf.parse_args(["--mode", "grpo", "--group-size", "4", "--max-new-tokens", "6"])
     torch.manual_seed(5)
@@ -165,28 +248,29 @@ def test_grpo_is_visurf_without_the_label(tiny):
     assert cg == without_label  # same rollouts, label dropped
     # force a spread of rewards so the GRPO loss is not trivially zero
     rewards_ = [[0.0, 1.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.2]]
-    adv = torch.cat([visurf.group_advantages(r) for r in rewards_])
+    adv = torch.cat([visurf.group_advantages(r) for r in rewards_]).double()
     logp, mask = visurf.token_logprobs(model, pg, without_label, G)
-    expect = visurf.policy_loss(logp, logp.detach(), adv, mask, 0.2, denom=len(without_label))
+    expect = visurf.aggregate(visurf.policy_loss(logp, logp.detach(), adv, 0.2), mask, "sum", len(without_label), 0)
     # the training path's update in grpo mode, with the same rollouts and advantages
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     got = visurf.update(model, opt, pg, cg, adv, per_g, grpo)["loss"]
-    assert got == pytest.approx(expect.item(), rel=1e-5)
+    assert got == pytest.approx(expect.item(), rel=1e-9)
     assert abs(got) > 0
 
 
-def test_micro_batches_give_the_same_gradient(tiny):
-    model, processor, conv, _ = tiny
+@pytest.mark.parametrize("agg", ["sum", "token-mean", "seq-mean-token-mean"])
+def test_micro_batches_give_the_same_gradient(tiny64, agg):
+    model, processor, conv, _ = tiny64
     samples = data.synthetic("classification", 3, 4)
     grads = []
     for mb in ["3", "1"]:
-        args = visurf.parse_args(["--group-size", "2", "--max-new-tokens", "5", "--micro-batch", mb,
-                                  "--loss-agg", "token"])
+        args = visurf.parse_args(["--group-size", "2", "--max-new-tokens", "5", "--micro-batch", mb, "--loss-agg", agg])
         torch.manual_seed(7)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        visurf.train_step(model, processor, opt, samples, conv, args)
+        m = visurf.train_step(model, processor, opt, samples, conv, args)
+        assert m["gt_advantage"] != 0  # a real signal, not an all-zero gradient
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert_same_gradient(grads[0], grads[1])
 
 
 # =============================================================================
@@ -495,6 +579,8 @@ def test_coordinate_round_trips():
 
 
 def test_aligned_label_tokenises_like_a_rollout(tiny):
+    """With the tiny tokenizer, <answer> is one token, so the label's ids are exactly the
+    tail of a well-formed rollout's (the real vocabulary's weaker property is tested below)."""
     _, processor, conv, _ = tiny
     tok = processor.tokenizer
     s = data.synthetic("detection", 1, 0)[0]
@@ -505,8 +591,6 @@ def test_aligned_label_tokenises_like_a_rollout(tiny):
     ids_r, ids_l = tok(rollout, add_special_tokens=False)["input_ids"], tok(label, add_special_tokens=False)["input_ids"]
     assert ids_r[-len(ids_l):] == ids_l
     assert rewards.score("detection", rollout, boxes)["iou"] == 1.0
-    raw = data.gt_completion(s, conv, align=False)  # rule 1 off: the dataset's own string
-    assert tok(raw, add_special_tokens=False)["input_ids"] != ids_l
     # the prompt's example and the label share keys and spacing
     assert '{"Position": [x1, y1, x2, y2], "Confidence": 0.90}' in data.prompt_text(s, conv)
 
@@ -588,8 +672,10 @@ def test_record_formats(tmp_path):
     (tmp_path / "vrft.json").write_text(json.dumps(recs))
     s, info = data.load(str(tmp_path / "vrft.json"))
     assert info["task"] == "detection" and s[0]["answer"] == [[20.0, 20.0, 100.0, 80.0]]
+    # rule 1 follows the record's own question (no quotes shown: our double quotes); off, the record's solution
     assert data.gt_completion(s[0], Q2) == '<answer>[{"Position": [100, 200, 500, 800], "Confidence": 1.00}]</answer>'
-    assert data.gt_completion(s[0], Q2, align=False) == recs[0]["solution"]
+    assert data.gt_completion(s[0], Q25) == data.gt_completion(s[0], Q2)  # its question asks for 0..1000
+    assert data.gt_completion(s[0], Q2, align=False) == "<answer> " + rewards.extract_answer(recs[0]["solution"]) + " </answer>"
     # evaluation groups Visual-RFT detection records by the category quoted in the problem
     recs2 = [dict(recs[0], problem=f"Detect all objects belonging to the category '{c}'.") for c in ("dog", "cat", "dog")]
     (tmp_path / "vrft2.json").write_text(json.dumps(recs2))
@@ -607,6 +693,151 @@ def test_record_formats(tmp_path):
             Image.new("RGB", (30, 30)).save(tmp_path / "cls" / c / f"{i}.jpg")
     s, info = data.load(str(tmp_path / "cls"), shots=2)
     assert info["classes"] == ["cat", "dog"] and len(s) == 4
+
+
+# Visual-RFT's own question texts (its detection/LVIS inference scripts and released rows, the
+# FGVC-Aircraft rows, and its LISA GRPO template), reproduced as data: records carry them verbatim.
+VRFT_DETECT = ("Detect all objects belonging to the category '{c}' in the image, and provide the bounding boxes "
+               "(between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places).\nIf no "
+               "object belonging to the category '{c}' in the image, return 'No Objects'.\nOutput the thinking "
+               "process in <think> </think> and final answer in <answer> </answer> tags.The output answer format "
+               "should be as follows:\n<think> ... </think> <answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': "
+               "number}}, ...]</answer>\nPlease strictly follow the format.")
+VRFT_CLASSIFY = ("This is an image containing an aircraft. Please identify the model of the aircraft based on the "
+                 "image.\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> "
+                 "tags.The output answer format should be as follows:\n<think> ... </think> <answer>species "
+                 "name</answer>\nPlease strictly follow the format.")
+VRFT_LISA = ("Output the bounding box in the image corresponding to the instruction: {q} Output the thinking "
+             "process in <think> </think> and your grouding box. Following \"<think> thinking process </think>"
+             "\n<answer>(x1,y1),(x2,y2)</answer>)\" format.")
+
+
+def vrft_records():
+    """(name, size, mode, problem, solution, expected task, expected pixel answer) in Visual-RFT's
+    shapes. 200x100 and 80x40 images make 0..1000 <-> pixels exact."""
+    return [
+        ("det", (200, 100), "RGB", VRFT_DETECT.format(c="dog"),
+         "<answer>[{'Position': [100, 200, 500, 800], 'Confidence': 1}, {'Position': [600, 0, 1000, 500], "
+         "'Confidence': 1}]</answer>", "detection", [[20.0, 20.0, 100.0, 80.0], [120.0, 0.0, 200.0, 50.0]]),
+        ("det_none", (80, 40), "RGBA", VRFT_DETECT.format(c="cat"), "<answer>No Objects</answer>", "detection", []),
+        ("cls", (200, 100), "RGB", VRFT_CLASSIFY, "<answer>737-200</answer>", "classification", "737-200"),
+        ("cls_rgba", (80, 40), "RGBA", VRFT_CLASSIFY, "<answer>F/A-18</answer>", "classification", "F/A-18"),
+        ("lisa", (200, 100), "RGB", VRFT_LISA.format(q="the animal that guards the house"),
+         "<answer> (100,200),(500,800) </answer>", "grounding", [20.0, 20.0, 100.0, 80.0]),
+        ("lisa_rgba", (80, 40), "RGBA", VRFT_LISA.format(q="what you sit on"),
+         "<answer> (250,0),(1000,500) </answer>", "grounding", [20.0, 0.0, 80.0, 20.0]),
+    ]
+
+
+def write_vrft(root):
+    """Visual-RFT's formats on disk: -> {file or folder: [expected (task, answer, problem)]}.
+    JSON with `image` and with `image_path` (its notebook's key), one task per file; and,
+    where pyarrow / datasets are installed, parquet and save_to_disk with embedded PNGs."""
+    import io
+    os.makedirs(root, exist_ok=True)
+    by_task, png = {}, {}
+    for name, size, mode, problem, solution, task, answer in vrft_records():
+        im = Image.new(mode, size, (30, 120, 200, 128) if mode == "RGBA" else (30, 120, 200))
+        im.save(os.path.join(root, name + ".png"))
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        png[name] = buf.getvalue()
+        by_task.setdefault(task, []).append((name, problem, solution, (task, answer, problem)))
+    out = {}
+    for task, recs in by_task.items():
+        for key in ("image", "image_path"):
+            path = os.path.join(root, f"{task}_{key}.json")
+            with open(path, "w") as f:
+                json.dump([{key: n + ".png", "problem": p, "solution": s} for n, p, s, _ in recs], f)
+            out[path] = [e for *_, e in recs]
+        rows = [{"image": {"bytes": png[n], "path": None}, "problem": p, "solution": s} for n, p, s, _ in recs]
+        try:
+            import pyarrow as pa, pyarrow.parquet as pq
+            path = os.path.join(root, f"{task}.parquet")
+            pq.write_table(pa.Table.from_pylist(rows), path)
+            out[path] = [e for *_, e in recs]
+        except ImportError:
+            pass
+        try:
+            import datasets
+            ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("image", "problem", "solution")},
+                                            features=datasets.Features({"image": datasets.Image(),
+                                                                        "problem": datasets.Value("string"),
+                                                                        "solution": datasets.Value("string")}))
+            path = os.path.join(root, f"{task}_hf")
+            datasets.DatasetDict({"train": ds}).save_to_disk(path)  # as Visual-RFT's notebook saves it
+            out[path] = [e for *_, e in recs]
+        except ImportError:
+            pass
+    return out
+
+
+def test_visual_rft_formats_load_with_their_own_prompt_and_full_reward(tmp_path):
+    files = write_vrft(str(tmp_path))
+    kinds = {os.path.splitext(p)[1] or "hf" for p in files}
+    if kinds != {".json", ".parquet", "hf"}:
+        print("parquet / save_to_disk not tested here: pip install datasets")
+    for path, expected in files.items():
+        samples, info = data.load(path)
+        assert [(s["task"], s["answer"], s["problem"]) for s in samples] == expected, path
+        for s in samples:
+            own = s["solution"]
+            for conv in (Q2, Q25):  # the question asks for 0..1000 on both families
+                assert data.prompt_text(s, conv) == s["problem"]  # verbatim, nothing appended
+                assert visurf.answer_reward(rewards.score(s["task"], own, data.model_answer(s, conv))) == \
+                    {"detection": 2.0, "classification": 1.0, "grounding": 1.0}[s["task"]], (path, own)
+            assert data.open_image(s).mode == "RGB" and data.open_image(s).size == s["size"]
+    # the single-quoted style the detection question shows is the label's style (rule 1)
+    det = data.load(str(tmp_path / "detection_image.json"))[0][0]
+    assert data.gt_completion(det, Q25) == ("<answer>[{'Position': [100, 200, 500, 800], 'Confidence': 1.00}, "
+                                            "{'Position': [600, 0, 1000, 500], 'Confidence': 1.00}]</answer>")
+    lisa = data.load(str(tmp_path / "grounding_image.json"))[0][0]
+    assert data.gt_completion(lisa, Q25) == "<answer>(100,200),(500,800)</answer>"
+    # a transparent RGBA image is laid over white, not black
+    assert data.open_image(data.load(str(tmp_path / "classification_image.json"))[0][1]).getpixel((0, 0)) == (142, 187, 227)
+
+
+def all_sources(tmp_path):
+    """One sample list per (task, data source) the project reads."""
+    out = {f"synthetic {t}": data.synthetic(t, 8, 0) for t in ("classification", "detection", "grounding")}
+    path = write_coco(str(tmp_path / "coco"), n_images=6)
+    out["coco"] = data.load(path, str(tmp_path / "coco" / "images"), negatives=1.0, shots=2)[0]
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
+    (tmp_path / "g.jsonl").write_text(json.dumps({"image": "a.png", "expression": "the dog", "bbox": [10, 10, 50, 60]}))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "a.png", "label": "golden retriever"}))
+    out["grounding records"] = data.load(str(tmp_path / "g.jsonl"))[0]
+    out["classification records"] = data.load(str(tmp_path / "c.jsonl"))[0]
+    for path in write_vrft(str(tmp_path / "vrft")):
+        if path.endswith("_image.json"):
+            out["Visual-RFT " + os.path.basename(path)] = data.load(path)[0]
+    return out
+
+
+def assert_align_ablation_changes_style_only(sources, tok):
+    for name, samples in sources.items():
+        for s in samples:
+            for conv in (Q2, Q25):
+                answer = data.model_answer(s, conv)
+                aligned, plain = data.gt_completion(s, conv), data.gt_completion(s, conv, align=False)
+                ra, rp = (visurf.answer_reward(rewards.score(s["task"], t, answer)) for t in (aligned, plain))
+                assert ra == rp == (2.0 if s["task"] == "detection" else 1.0), (name, aligned, plain)
+                assert tok(aligned, add_special_tokens=False)["input_ids"] != \
+                    tok(plain, add_special_tokens=False)["input_ids"], (name, aligned, plain)
+
+
+def test_align_ablation_changes_style_only(tmp_path, tiny):
+    """--ablate align keeps the right answer, in the prompt's coordinates, inside the tags:
+    the same answer reward as the aligned label, only other text and tokens."""
+    assert_align_ablation_changes_style_only(all_sources(tmp_path), tiny[1].tokenizer)
+
+
+def test_solutions_that_look_like_boxes_are_never_class_labels(tmp_path):
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
+    for solution in ["<answer>[{'Position': [1, 2, 3]}]</answer>", "<answer> (100,200),(500 </answer>",
+                     "<answer>[12, 40, 7]</answer>"]:
+        (tmp_path / "r.json").write_text(json.dumps([{"image": "a.png", "problem": "Where?", "solution": solution}]))
+        with pytest.raises(data.DataError, match=r"r.json: record 0: solution .* looks like boxes"):
+            data.load(str(tmp_path / "r.json"))
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -65,22 +65,43 @@ def die(msg):
 # -----------------------------------------------------------------------------
 # The math of one group (pure functions; test_visurf.py checks them by hand)
 
-def smooth_gt_reward(rollout_rewards, gt_reward):
-    """Rule 3: once some rollout scores at least as well as the label, the label's
-    reward becomes the rollouts' mean, so its advantage is ~0 and supervision fades."""
-    if max(rollout_rewards) >= gt_reward:
+def total_reward(parts, think_weight):
+    """w * think + the answer's components. A weight below 1 lets a correct answer
+    without the format outrank a well-formatted wrong one (SPEC §2, rule 2)."""
+    return think_weight * parts.get("think", 0.0) + answer_reward(parts)
+
+
+def answer_reward(parts):
+    """The answer's quality: every component but the thinking format."""
+    return sum(v for k, v in parts.items() if k != "think")
+
+
+def smooth_gt_reward(rollout_rewards, gt_reward, rollout_answers=None, gt_answer=None):
+    """Rule 3: once the best rollout answers at least as well as the label, the label's
+    reward becomes the rollouts' mean reward, so A_y = 0 and supervision fades. The test
+    compares answers (rewards without `think`) when they are given, else the rewards."""
+    if rollout_answers is None:
+        rollout_answers, gt_answer = rollout_rewards, gt_reward
+    if max(rollout_answers) >= gt_answer:
         return float(sum(rollout_rewards) / len(rollout_rewards))
     return float(gt_reward)
 
 
-def gt_reward(parts, rollout_rewards, ablate=()):
-    """Rules 2 and 3 for the label's reward components. -> (reward, rule 3 fired)."""
+def gt_reward(label_parts, rollout_parts, think_weight, ablate=()):
+    """Rules 2 and 3 for one group: the label's reward from its components and the
+    rollouts'. -> (reward, whether rule 3 fired)."""
     # rule 2: the label carries no reasoning, so it earns no thinking reward; with the
     # rule off it is credited as if it had reasoned
-    r = sum(v for k, v in parts.items() if k != "think") + (1.0 if "think" in ablate else 0.0)
-    if "smooth" in ablate or not rollout_rewards:
+    label = dict(label_parts, think=1.0 if "think" in ablate else 0.0)
+    r = total_reward(label, think_weight)
+    if "smooth" in ablate or not rollout_parts:
         return r, False
-    return smooth_gt_reward(rollout_rewards, r), max(rollout_rewards) >= r
+    totals = [total_reward(p, think_weight) for p in rollout_parts]
+    answers = [answer_reward(p) for p in rollout_parts]
+    # rule 3 compares answers, not totals: with the label's think removed, a formatted but
+    # wrong rollout would otherwise tie the right label and silence it where it is needed
+    fired = max(answers) >= answer_reward(label)
+    return smooth_gt_reward(totals, r, answers, answer_reward(label)), fired
 
 
 def group_advantages(rewards_):
@@ -92,20 +113,27 @@ def group_advantages(rewards_):
     return ((r - r.mean()) / (r.std() + 1e-6)).float()
 
 
-def policy_loss(logp, old_logp, adv, mask, clip_eps, denom, ref_logp=None, beta=0.0):
-    """Clipped policy-gradient loss summed over completion tokens, divided by `denom`
-    (sequences: the paper's -1/(G+1) sum of sequence terms; tokens: DAPO/TRL's mean)."""
+def policy_loss(logp, old_logp, adv, clip_eps, ref_logp=None, beta=0.0):
+    """Clipped policy-gradient loss per completion token. -> [N, T]"""
     ratio = torch.exp(logp - old_logp)                                  # [N, T]
     a = adv[:, None]                                                    # [N, 1]
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     if beta > 0:  # k3 estimate of KL(pi || pi_ref), always >= 0
         d = ref_logp - logp
         per_token = per_token + beta * (torch.exp(d) - d - 1)
-    return (per_token * mask).sum() / denom
+    return per_token
 
 
-def sft_loss(logp, mask, denom):
-    return -(logp * mask).sum() / denom
+def aggregate(per_token, mask, how, n_seqs, n_tokens):
+    """[N, T] per-token losses -> one number. n_seqs and n_tokens count the whole batch, so
+    micro-batches of it sum to the same loss.
+      sum                  every token weighs the same, / sequences (the paper's Eq. 8)
+      token-mean           every token weighs the same, / tokens (DAPO, veRL, TRL today)
+      seq-mean-token-mean  each sequence's mean, / sequences (GRPO, Visual-RFT's trainer):
+                           a short label's tokens weigh more than a long rollout's"""
+    if how == "seq-mean-token-mean":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    return (per_token * mask).sum() / (n_seqs if how == "sum" else n_tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -258,7 +286,8 @@ def chunked_logprobs(lm_head, hidden, targets, rows=4):
     """log_softmax(lm_head(hidden))[targets], a few rows at a time and recomputed in the
     backward pass, so no [N, T, vocab] fp32 tensor is ever alive."""
     def piece(h, t):
-        logits = lm_head(h).float()                      # [n, T, V]
+        logits = lm_head(h)                              # [n, T, V]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         return logits.gather(-1, t[..., None]).squeeze(-1) - logits.logsumexp(-1)
     out = []
     for i in range(0, hidden.shape[0], rows):
@@ -287,14 +316,15 @@ def make_groups(model, processor, samples, conv, args):
         rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
     t = time.time()
-    completions, advantages, r_all, r_gt, fired, a_gt = [], [], [], [], [], []
+    completions, advantages, parts_all, r_gt, fired, a_gt = [], [], [], [], [], []
     for b, s in enumerate(samples):
         answer = data.model_answer(s, conv)
         group = rollouts[b * G:(b + 1) * G]
-        r = [sum(score(s, tok.decode(c, skip_special_tokens=True), answer, args).values()) for c in group]
-        r_all += r
+        parts = [score(s, tok.decode(c, skip_special_tokens=True), answer, args) for c in group]
+        r = [total_reward(p, args.think_weight) for p in parts]
+        parts_all += parts
         if args.mode == "visurf":
-            ry, f = gt_reward(score(s, label_texts[b], answer, args), r, args.ablate)
+            ry, f = gt_reward(score(s, label_texts[b], answer, args), parts, args.think_weight, args.ablate)
             group, r = group + [labels[b]], r + [ry]
             r_gt.append(ry)
             fired.append(f)
@@ -304,7 +334,11 @@ def make_groups(model, processor, samples, conv, args):
         completions += group
         advantages.append(adv)
     stats["t_score"] = time.time() - t
-    stats.update(reward=float(np.mean(r_all)), reward_std=float(np.std(r_all)))
+    totals = [total_reward(p, args.think_weight) for p in parts_all]
+    stats.update(reward=float(np.mean(totals)), reward_std=float(np.std(totals)),
+                 reward_think=float(np.mean([p["think"] for p in parts_all])),
+                 reward_answer=float(np.mean([answer_reward(p) for p in parts_all])),
+                 **{f"reward_{k}": float(np.mean([p[k] for p in parts_all])) for k in parts_all[0] if k != "think"})
     if args.mode == "visurf":
         stats.update(gt_reward=float(np.mean(r_gt)), gt_smoothed=float(np.mean(fired)),
                      gt_advantage=float(np.mean(a_gt)))
@@ -330,8 +364,8 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     loss alone in --mode sft), in micro-batches of whole groups, then AdamW."""
     B, device = prompts["input_ids"].shape[0], model.device
     adv = adv.to(device)
-    # the loss is a sum over micro-batches; fix its denominator for the whole batch
-    denom = len(completions) if args.loss_agg == "sequence" else sum(map(len, completions))
+    # the loss is a sum over micro-batches; its denominators count the whole batch
+    n_seqs, n_tokens = len(completions), sum(map(len, completions))
     mb = args.micro_batch or B
     old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
     model.train()
@@ -345,14 +379,15 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
             with autocast(device):
                 logp, mask = token_logprobs(model, sub, completions[rows], per)
                 if args.mode == "sft":
-                    loss = sft_loss(logp, mask, denom)
+                    per_token = -logp                                 # [N, T]
                 else:
                     # pi_old: the policy that sampled, i.e. this one before the first update
                     old.setdefault(b0, logp.detach())
                     if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
                         with torch.no_grad():
                             ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
-                    loss = policy_loss(logp, old[b0], adv[rows], mask, args.clip_eps, denom, ref.get(b0), args.beta)
+                    per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, ref.get(b0), args.beta)
+                loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens)
             loss.backward()
             loss_total += loss.item() / args.ppo_epochs
         t_fb += time.time() - t
@@ -396,7 +431,7 @@ def eval_metrics(samples, texts, conv, info=None, out_dir=None):
                   "parse_failure_rate": float(np.mean([not a for a in answers]))}
     elif task == "grounding":
         boxes = [rewards.parse_box(a) if a else None for a in answers]
-        ious = [rewards.iou(data.to_pixels(b, s["size"], conv), s["answer"]) if b else 0.0
+        ious = [rewards.iou(data.to_pixels(b, s["size"], data.prompt_convention(s, conv)), s["answer"]) if b else 0.0
                 for b, s in zip(boxes, samples)]
         result = {"mIoU": float(np.mean(ious)), "acc@0.5": float(np.mean([v >= 0.5 for v in ious])),
                   "parse_failure_rate": float(np.mean([b is None for b in boxes]))}
@@ -415,7 +450,7 @@ def detection_metrics(samples, answers, conv, info=None, out_dir=None):
         boxes, confs, no_objects = rewards.parse_detections(a) if a else ([], [], False)
         failures += not (boxes or no_objects)
         for b, c in zip(boxes, confs):
-            x1, y1, x2, y2 = data.to_pixels(b, s["size"], conv)
+            x1, y1, x2, y2 = data.to_pixels(b, s["size"], data.prompt_convention(s, conv))
             results.append({"image_id": s["image_id"], "category_id": s["category_id"],
                             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": c})
     if out_dir:
@@ -535,15 +570,22 @@ def parse_args(argv=None):
     g = p.add_argument_group("algorithm")
     g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"], help="default: visurf")
     g.add_argument("--ablate", default="", help=f"rules to switch off, any of {','.join(RULES)}")
+    g.add_argument("--think-weight", type=float, default=1 / 3,
+                   help="w in the reward w*think + answer, every mode (default: 1/3, the ViSurf authors' "
+                   "thinking-to-accuracy ratio; 1 is Visual-RFT's plain sum)")
     g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt (default: 8)")
     g.add_argument("--max-new-tokens", type=int, help=f"tiny: {TINY_DEFAULTS['max_new_tokens']}, "
                    f"else {REAL_DEFAULTS['max_new_tokens']}")
     g.add_argument("--min-new-tokens", type=int, default=0,
                    help="force this many tokens per rollout, for like-for-like benchmarks (default: 0)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip (default: 0.2)")
-    g.add_argument("--loss-agg", default="sequence", choices=["sequence", "token"],
-                   help="sequence (default): sum over tokens, as in the paper; token: mean over all tokens (DAPO/TRL)")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="updates per batch of rollouts (default: 1)")
+    g.add_argument("--loss-agg", default="sum", choices=["sum", "token-mean", "seq-mean-token-mean"],
+                   help="sum (default): token losses summed, / sequences (the paper's Eq. 8); token-mean: "
+                   "/ completion tokens (DAPO, veRL, TRL); seq-mean-token-mean: mean per sequence, then over "
+                   "sequences (GRPO, Visual-RFT)")
+    g.add_argument("--ppo-epochs", type=int, default=1,
+                   help="updates per batch of rollouts (default: 1); above 1 the per-token ratio departs "
+                   "from the paper's sequence-level ratio")
     g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
     g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
                    help="iou (default), or (GIoU + 1) / 2")
