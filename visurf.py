@@ -29,6 +29,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import random
 import resource
@@ -46,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
                           Qwen2VLConfig, Qwen2VLForConditionalGeneration)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import cached_file
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
@@ -53,13 +55,16 @@ import data
 import rewards
 
 RULES = ("align", "think", "smooth")
-TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4, max_new_tokens=8)
+# flags a resumed run may change; any other change makes the continuation a different run
+SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
+                  "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad"}
+TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
 
 
-def die(msg):
+def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------
@@ -203,19 +208,44 @@ def load_model(name, args):
     if name == "tiny":
         model, tok = build_tiny(args.seed)
         improc = Qwen2VLImageProcessorPil(**pixels)
+        templates = [tok.chat_template]
     else:
         try:
             model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(name)
             improc = Qwen2VLImageProcessorPil.from_pretrained(name, **pixels)
-        except (OSError, ValueError, KeyError) as e:
-            die(f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            # the processor's chat_template.json first: early Qwen2.5-VL releases (and
+            # fine-tunes saved from them) carry a text-only template in tokenizer_config.json
+            path = cached_file(name, "chat_template.json", _raise_exceptions_for_missing_entries=False)
+            templates = [json.load(open(path))["chat_template"] if path else None, tok.chat_template]
+        except Exception as e:  # a missing, partial or corrupt checkpoint: one line, no traceback
+            die(f"cannot load model {name!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
     family = model.config.model_type
     if family not in data.COORDS:
         die(f"{name}: model type {family!r} is not Qwen2-VL or Qwen2.5-VL")
     tok.padding_side = "left"  # prompts are left-padded for generation
-    processor = ImageOnlyProcessor(improc, tok, chat_template=tok.chat_template or CHAT_TEMPLATE)
+    processor = ImageOnlyProcessor(improc, tok, chat_template=vision_template(templates, tok, name))
+    # replace the checkpoint's generation_config (Qwen2-VL: top_k 1; Qwen2.5-VL: repetition
+    # penalty 1.05): transformers fills every knob generate() leaves unset from it. Ours is
+    # greedy decoding as evaluated here, and it is what checkpoints save for plain generate().
+    model.generation_config = generation_config(tok, args.max_new_tokens, greedy=True)
     return model, processor, data.Convention(family, args.min_pixels, args.max_pixels)
+
+
+def vision_template(templates, tok, name):
+    """The first chat template that renders an image; Qwen2-VL's own if there is none at all."""
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    for t in filter(None, templates):
+        try:
+            if "<|image_pad|>" in tok.apply_chat_template(probe, chat_template=t, tokenize=False,
+                                                          add_generation_prompt=True):
+                return t
+        except Exception:  # a text-only template fails on list content
+            pass
+    if any(templates):
+        die(f"{name}: no chat template renders an image (chat_template.json missing, and the "
+            f"tokenizer's template is text-only); add the model's chat_template.json")
+    return CHAT_TEMPLATE
 
 
 # -----------------------------------------------------------------------------
@@ -238,23 +268,31 @@ def select_prompts(prompts, idx):
     return out
 
 
+def end_ids(tok):
+    """A completion ends at <|im_end|> (chat models) or <|endoftext|> (base models)."""
+    return tok.convert_tokens_to_ids([END_OF_TURN, "<|endoftext|>"])
+
+
+def generation_config(tok, max_new_tokens, greedy=False, min_new_tokens=0):
+    """Every knob set, so nothing comes from a checkpoint's own config: Qwen2-VL ships
+    top_k=1, which would make all G samples identical and the loss sit at 0."""
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=1.0,
+                            eos_token_id=end_ids(tok), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                            # a young model samples vision tokens, which break the next forward
+                            suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+
+
 def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
     """n completions per prompt in one generate call. -> B*n token lists, each up to and
-    including its first end-of-turn token (all of it if it never ended)."""
+    including its first end token (all of it if it never ended)."""
     tok = processor.tokenizer
-    eot = tok.convert_tokens_to_ids(END_OF_TURN)
-    # set every sampling knob: a checkpoint's generation_config (Qwen2-VL ships top_k=1)
-    # would otherwise make all G samples identical and the loss sit at 0
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                              eos_token_id=eot,
-                              pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-                              # a young model samples vision tokens, which break the next forward
-                              suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+    config = generation_config(tok, max_new_tokens, greedy, min_new_tokens)
     idx = torch.arange(prompts["input_ids"].shape[0], device=prompts["input_ids"].device).repeat_interleave(n)
     out = model.generate(**select_prompts(prompts, idx), generation_config=config)
     rows = out[:, prompts["input_ids"].shape[1]:].tolist()          # [B*n, T], padded after the end
-    return [r[:r.index(eot) + 1] if eot in r else r for r in rows]
+    ends = set(end_ids(tok))
+    return [r[:next((i + 1 for i, t in enumerate(r) if t in ends), len(r))] for r in rows]
 
 
 def token_logprobs(model, prompts, completions, per_prompt):
@@ -517,20 +555,87 @@ def set_rng_state(s):
 
 
 def save_checkpoint(out_dir, model, processor, optimizer, step, rng, args):
-    """Written beside the old one, then swapped in: an interrupted save loses nothing."""
+    """Written in full beside the old one, then swapped in by two renames, so whatever
+    instant a kill lands at, a complete checkpoint is left: `checkpoint`, or during the
+    swap `checkpoint.old` and a complete `checkpoint.tmp` (heal_checkpoint takes it)."""
     path = os.path.join(out_dir, "checkpoint")
-    tmp = path + ".tmp"
+    tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
     processor.image_processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "chat_template.json"), "w") as f:  # what a processor reads
+        json.dump({"chat_template": processor.chat_template}, f)
+    config = os.path.join(tmp, "preprocessor_config.json")
+    with open(config) as f:
+        pre = json.load(f)
+    with open(config, "w") as f:  # AutoProcessor reads the processor class from here
+        json.dump(dict(pre, processor_class="Qwen2_5_VLProcessor" if model.config.model_type == "qwen2_5_vl"
+                       else "Qwen2VLProcessor"), f, indent=1)
+    # the trainer state last, and by a rename: its presence marks a complete checkpoint
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "args": vars(args)},
-               os.path.join(tmp, "trainer_state.pt"))
+               os.path.join(tmp, "trainer_state.pt.part"))
+    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(old, ignore_errors=True)  # left by a kill during the last clean-up
     if os.path.exists(path):
-        os.replace(path, path + ".old")
+        os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(path + ".old", ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def heal_checkpoint(path):
+    """Finish a save that a kill interrupted: if the swap left no `checkpoint`, the newest
+    complete one of `.tmp` and `.old` takes its place; a partial `.tmp` is dropped."""
+    complete = lambda p: os.path.isfile(os.path.join(p, "trainer_state.pt"))
+    if not os.path.isdir(path):
+        for candidate in (path + ".tmp", path + ".old"):
+            if complete(candidate):
+                os.replace(candidate, path)
+                break
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+
+
+def load_trainer_state(path, args):
+    """trainer_state.pt of a checkpoint, checked, and refused if the run's flags changed."""
+    file = os.path.join(path, "trainer_state.pt")
+    if not os.path.isfile(file):
+        die(f"--resume {path}: not a visurf checkpoint (no trainer_state.pt)")
+    try:
+        state = torch.load(file, weights_only=False)
+        assert isinstance(state, dict) and {"step", "optimizer", "rng", "args"} <= set(state)
+    except Exception as e:
+        die(f"{file}: unreadable or incomplete ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+    for k, v in state["args"].items():
+        if k in vars(args) and getattr(args, k) is None:
+            setattr(args, k, v)  # a default derived at run time (the tiny model's --max-new-tokens)
+        elif k not in SAFE_TO_CHANGE and k in vars(args) and getattr(args, k) != v:
+            flag = "--" + k.replace("_", "-")
+            die(f"--resume: this run had {flag} {v!r}, now {getattr(args, k)!r}; resume with the run's own "
+                f"flags (--steps, --save-every, --eval-every and a few more may change: README, Resuming) "
+                f"or start afresh in another --output-dir")
+    return state
+
+
+def read_metrics(path, upto):
+    """metrics.jsonl lines up to step `upto`: a resumed run drops the steps after its checkpoint,
+    and a last line half-written by a kill is dropped with a warning."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                die(f"{path}: line {n} is not JSON; fix or remove it before resuming")
+            print(f"warning: {path}: dropped a half-written last line")
+            continue
+        if record.get("step", 0) <= upto:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
 
 
 def batch_for_step(n, batch_size, seed, step):
@@ -574,7 +679,7 @@ def parse_args(argv=None):
                    help="w in the reward w*think + answer, every mode (default: 1/3, the ViSurf authors' "
                    "thinking-to-accuracy ratio; 1 is Visual-RFT's plain sum)")
     g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt (default: 8)")
-    g.add_argument("--max-new-tokens", type=int, help=f"tiny: {TINY_DEFAULTS['max_new_tokens']}, "
+    g.add_argument("--max-new-tokens", type=int, help=f"tiny: the longest label + 4, "
                    f"else {REAL_DEFAULTS['max_new_tokens']}")
     g.add_argument("--min-new-tokens", type=int, default=0,
                    help="force this many tokens per rollout, for like-for-like benchmarks (default: 0)")
@@ -623,15 +728,36 @@ def parse_args(argv=None):
         die("--group-size must be at least 2 for grpo (the advantage needs a spread) and 1 otherwise")
     if args.beta > 0 and args.mode == "sft":
         die("--beta is a policy-gradient option; --mode sft has no KL term")
-    for k in ("steps", "batch_size", "max_new_tokens", "ppo_epochs", "save_every", "eval_batch_size"):
-        if getattr(args, k) < 1:
-            die(f"--{k.replace('_', '-')} must be at least 1")
-    if args.clip_eps <= 0 or args.lr <= 0 or args.beta < 0 or args.negatives < 0:
-        die("--clip-eps and --lr must be positive, --beta and --negatives non-negative")
-    if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer_state.pt")):
-        die(f"--resume {args.resume}: not a visurf checkpoint (no trainer_state.pt)")
-    if args.eval and args.model != "tiny" and not args.data:
-        die("--eval needs --data")
+    # every value checked before anything is loaded; "not x > 0" also refuses NaN
+    at_least = dict(steps=1, batch_size=1, max_new_tokens=1, ppo_epochs=1, save_every=1, eval_batch_size=1,
+                    micro_batch=1, shots=1, eval_limit=1, eval_every=0, warmup_steps=0, min_new_tokens=0,
+                    seed=0, min_pixels=28 * 28)
+    for k, lo in at_least.items():
+        if getattr(args, k) is not None and getattr(args, k) < lo:
+            die(f"--{k.replace('_', '-')} must be at least {lo} (got {getattr(args, k)})")
+    for k in ("lr", "clip_eps", "grad_clip"):
+        if not (0 < getattr(args, k) < math.inf):
+            die(f"--{k.replace('_', '-')} must be a positive number (got {getattr(args, k)})")
+    for k in ("beta", "negatives", "weight_decay", "think_weight"):
+        if not (0 <= getattr(args, k) < math.inf):
+            die(f"--{k.replace('_', '-')} must be a non-negative number (got {getattr(args, k)})")
+    if args.max_pixels < args.min_pixels:
+        die(f"--max-pixels ({args.max_pixels}) is below --min-pixels ({args.min_pixels})")
+    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
+    if args.eval_data and not args.data:
+        die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
+    if args.eval_images and not args.eval_data:
+        die("--eval-images goes with --eval-data")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            die(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            die(f"--device {args.device}: no such CUDA device here")
+        if device.type not in ("cpu", "cuda"):
+            die(f"--device {args.device}: visurf runs on cpu or cuda")
     return args
 
 
@@ -656,13 +782,33 @@ def load_data(args):
     return train, held[:args.eval_limit] if args.eval_limit else held, info
 
 
+RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "eval.json", "predictions.jsonl",
+             "coco_results.json")
+
+
+def prepare_output_dir(args):
+    """Writable, healed after a kill mid-save, and never clobbered by re-running a command."""
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, ".visurf-write-test"), "w") as f:
+            f.write("ok")
+        os.remove(os.path.join(out, ".visurf-write-test"))
+    except OSError as e:
+        die(f"--output-dir {out}: cannot write there ({e.strerror or e})")
+    heal_checkpoint(os.path.join(out, "checkpoint"))
+    if args.resume:
+        heal_checkpoint(args.resume.rstrip("/"))
+    held_run = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
+    if held_run and not (args.eval or args.resume or args.overwrite):
+        die(f"{out} already holds a run ({', '.join(held_run)}); continue it with --resume "
+            f"{os.path.join(out, 'checkpoint')}, choose another --output-dir, or pass --overwrite")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # never clobber a finished or running experiment by re-running its command
-    held_run = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(args.output_dir, f))]
-    if held_run and not (args.eval or args.resume or args.overwrite):
-        die(f"{args.output_dir} already holds a run ({', '.join(held_run)}); continue it with --resume "
-            f"{os.path.join(args.output_dir, 'checkpoint')}, choose another --output-dir, or pass --overwrite")
+    prepare_output_dir(args)
+    state = load_trainer_state(args.resume, args) if args.resume else None
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -673,8 +819,11 @@ def main(argv=None):
     except data.DataError as e:
         die(str(e))
     model, processor, conv = load_model(args.resume or args.model, args)
+    if args.max_new_tokens is None:  # tiny: room for the longest label; it has nothing to reason with
+        args.max_new_tokens = 4 + max(len(processor.tokenizer(data.gt_completion(s, conv))["input_ids"])
+                                      for s in train + held)
+    model.generation_config.max_new_tokens = args.max_new_tokens
     model.to(device)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     if args.eval:
         result, texts = evaluate(model, processor, held, conv, args, info, args.output_dir)
@@ -697,19 +846,22 @@ def main(argv=None):
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    metrics_path, start = os.path.join(args.output_dir, "metrics.jsonl"), 0
-    if args.resume:
-        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
+    metrics_path, start, kept = os.path.join(args.output_dir, "metrics.jsonl"), 0, []
+    if state:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         set_rng_state(state["rng"])
-        if os.path.exists(metrics_path):  # drop lines from steps after the checkpoint
-            with open(metrics_path) as f:
-                keep = [l for l in f if json.loads(l).get("step", 0) <= start]
-            with open(metrics_path, "w") as f:
-                f.writelines(keep)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        kept = read_metrics(metrics_path, start)
+        if start >= args.steps:
+            print(f"{args.resume} is at step {start}, and --steps is {args.steps}: nothing to do")
+            return None
+    elif args.overwrite:  # the old run goes before anything of the new one is written
+        for f in RUN_FILES:
+            p = os.path.join(args.output_dir, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
+    with open(metrics_path + ".tmp", "w") as f:  # swapped in whole: a kill here loses no line
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
     print(f"visurf: mode {args.mode}{' ablate ' + ','.join(args.ablate) if args.ablate else ''} | "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} | "
           f"{len(train)} training prompts, {len(held)} held out | G {args.group_size} B {args.batch_size} "
@@ -724,8 +876,9 @@ def main(argv=None):
         log(dict(step=step, eval=result))
         return result
 
-    before = run_eval(start) if held and start == 0 else None
-    if before:
+    before = next((json.loads(l)["eval"] for l in kept if '"eval"' in l and json.loads(l)["step"] == 0), None)
+    if held and start == 0:
+        before = run_eval(0)
         print(f"before training: {headline(before)}")
     step, t_start = start, time.time()
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
@@ -740,30 +893,38 @@ def main(argv=None):
             m["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             log(dict(step=step, lr=lr, **m))
-            elapsed = time.time() - t_start
-            eta = elapsed / (step - start) * (args.steps - step)
-            gt = (f" | gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f}"
-                  if "gt_reward" in m else "")
-            print(f"step {step}/{args.steps} | reward {m.get('reward', float('nan')):.3f}{gt} | "
-                  f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s "
-                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | gen {m['t_generate']:.2f}s "
-                  f"({m['gen_tokens_per_s']:.0f} tok/s) score {m.get('t_score', 0):.2f}s "
-                  f"fb {m['t_forward_backward']:.2f}s opt {m['t_optimizer']:.2f}s | "
-                  f"mem {m['peak_mem_gb']:.2f} GiB", flush=True)
+            print(progress_line(m, step, args, eta=(time.time() - t_start) / (step - start) * (args.steps - step)),
+                  flush=True)
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
                 save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
+        path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
     except KeyboardInterrupt:
         path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
         print(f"\ninterrupted: saved step {step} to {path}; continue with --resume {path}")
         sys.exit(130)
-    path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
+    except OSError as e:  # a full disk: the last complete checkpoint is still in place
+        die(f"cannot write to {args.output_dir} ({e.strerror or e}); the last saved checkpoint is intact", code=1)
     after = run_eval(step) if held else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
     print(f"saved {path}")
     return after
+
+
+def progress_line(m, step, args, eta):
+    """step, rewards, the ground truth's share, loss, throughput, ETA, and the phase profile."""
+    line = f"step {step}/{args.steps} | "
+    if args.mode != "sft":
+        line += f"reward {m['reward']:.3f} (think {m['reward_think']:.2f} answer {m['reward_answer']:.2f}) | "
+    if args.mode == "visurf":
+        line += f"gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f} | "
+    line += (f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s "
+             f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | ")
+    if args.mode != "sft":
+        line += f"gen {m['t_generate']:.2f}s ({m['gen_tokens_per_s']:.0f} tok/s) score {m['t_score']:.2f}s "
+    return line + f"fb {m['t_forward_backward']:.2f}s opt {m['t_optimizer']:.2f}s | mem {m['peak_mem_gb']:.2f} GiB"
 
 
 if __name__ == "__main__":
