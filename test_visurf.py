@@ -1,13 +1,17 @@
 """Tests for visurf: the math against hand-computed numbers and SPEC §1's identities,
 the rewards against hand cases and random strings, data loading and its errors, the
 evaluator against pycocotools, and short end-to-end runs. CPU only, a few minutes."""
+import contextlib
 import functools
 import json
 import math
 import os
+import random
+import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -1213,6 +1217,286 @@ def test_real_checkpoint_through_the_cli(real, family, tmp_path, capsys):
                           "--output-dir", str(tmp_path / "ev"), "--max-new-tokens", "6")
     assert rc == 0 and "mAP" in stdout, err
     assert "generation flags are not valid" not in err and "Traceback" not in err
+
+
+# =============================================================================
+# Nothing lost, nothing silent: flags, bad data, kills during saves, resuming
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--grad-clip", "0"], "--grad-clip"), (["--grad-clip", "-1"], "--grad-clip"), (["--grad-clip", "nan"], "--grad-clip"),
+    (["--micro-batch", "-1"], "--micro-batch"), (["--warmup-steps", "-2"], "--warmup-steps"),
+    (["--shots", "0"], "--shots"), (["--shots", "-1"], "--shots"), (["--eval-limit", "0"], "--eval-limit"),
+    (["--eval-every", "-1"], "--eval-every"), (["--max-pixels", "5000", "--min-pixels", "6000"], "--max-pixels"),
+    (["--eval-data", "x.json"], "--eval-data"), (["--weight-decay", "-1"], "--weight-decay"), (["--seed", "-1"], "--seed"),
+    (["--max-pixels", "0"], "--max-pixels"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--think-weight", "-0.5"], "--think-weight"), (["--beta", "nan"], "--beta"), (["--negatives", "-1"], "--negatives"),
+    (["--min-new-tokens", "9", "--max-new-tokens", "8"], "--min-new-tokens"), (["--loss-agg", "sequence"], "--loss-agg"),
+])
+def test_bad_flags_are_refused_in_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        visurf.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("device,needle", [("cuda", "no such CUDA device"), ("foo", "not a device"), ("meta", "cpu or cuda")])
+def test_bad_devices_are_refused_before_loading(device, needle, tmp_path, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        visurf.main(["--device", device, "--output-dir", str(tmp_path / "out")])
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_and_bad_flags_answer_before_torch_loads():
+    """Flags are parsed before torch and transformers are imported (they take seconds)."""
+    code = ("import sys, runpy; sys.argv = ['visurf.py', '--help']\n"
+            "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('torch loaded' if 'torch' in sys.modules else 'torch not loaded')") \
+        % os.path.join(HERE, "visurf.py")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert "--think-weight" in p.stdout and p.stdout.strip().endswith("torch not loaded"), p.stdout + p.stderr
+
+
+def test_bad_images_and_records_are_refused_when_loaded(tmp_path):
+    import io
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(good.getvalue()[:len(good.getvalue()) // 2])
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    rec = lambda **kw: json.dumps(dict({"image": "ok.png", "label": "dog"}, **kw))
+    for text, problem in [(rec(image="cut.jpg"), "cut.jpg"), (rec(label=None), "'label' must be a non-empty string"),
+                          (rec(label=["a", "b"]), "'label' must be"), (rec(label="  "), "'label' must be"),
+                          (rec(image=5), "'image' must be a path"), (rec(image=None), "'image' must be a path")]:
+        (tmp_path / "r.jsonl").write_text(text)
+        with pytest.raises(data.DataError, match=r"r.jsonl: line 1: .*" + re.escape(problem)):
+            data.load(str(tmp_path / "r.jsonl"))
+    # --skip-bad catches the truncated image at load time, not at some training step
+    (tmp_path / "r.jsonl").write_text(rec(image="cut.jpg") + "\n" + rec())
+    samples, info = data.load(str(tmp_path / "r.jsonl"), skip_bad=True)
+    assert info["skipped"] == 1 and len(samples) == 1
+    # a byte-order mark is not an error
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps([json.loads(rec())]), encoding="utf-8")
+    assert data.load(str(tmp_path / "bom.json"))[0][0]["answer"] == "dog"
+    # duplicate category ids in a COCO file would duplicate prompts
+    def dup(d):
+        d["categories"].append({"id": 1, "name": "wolf"})
+    path = write_coco(str(tmp_path / "dup"), bad=dup)
+    with pytest.raises(data.DataError, match="categories: id 1 appears 2 times"):
+        data.load(path, str(tmp_path / "dup" / "images"))
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)           # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(tmp_path / "f.tiff")  # 0 .. 1 floats
+    for name in ("g16.png", "f.tiff"):
+        rgb = np.asarray(data.open_image({"image": str(tmp_path / name)}))
+        expect = np.clip(ramp / 65535.0 * 255.0, 0, 255)
+        assert rgb.shape == (64, 64, 3) and np.abs(rgb[..., 0] - expect).max() <= 1.0, name
+        assert rgb.min() == 0 and rgb.max() >= 254  # not all near-white, not all black
+
+
+def tiny_argv(out, *extra):
+    return ["--steps", "3", "--batch-size", "1", "--group-size", "2", "--shots", "1", "--eval-limit", "2",
+            "--save-every", "1", "--output-dir", str(out), *extra]
+
+
+def step_metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+
+
+class Killed(BaseException):
+    """A kill: nothing in visurf catches it, as nothing catches SIGKILL."""
+
+
+def test_a_kill_at_any_point_of_a_save_leaves_a_run_that_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """Fail the k-th filesystem operation of the second save (every one in turn), as a kill
+    there would; the next command must resume and end with the uninterrupted run's metrics."""
+    ref = tmp_path / "ref"
+    run_main(capsys, *tiny_argv(ref))
+    want = [(m["step"], m["loss"], m["reward"], m["grad_norm"]) for m in step_metrics(ref)]
+    real_save = visurf.save_checkpoint
+    for k in range(1, 20):
+        calls, state = [0], {"saves": 0}
+
+        def counted(fn):
+            def op(*a, **kw):
+                calls[0] += 1
+                if calls[0] == k:
+                    raise Killed()
+                return fn(*a, **kw)
+            return op
+
+        def save(*a, **kw):
+            state["saves"] += 1
+            if state["saves"] != 2:
+                return real_save(*a, **kw)
+            with monkeypatch.context() as m:
+                for mod, name in [(visurf.os, "replace"), (visurf.shutil, "rmtree"), (visurf.torch, "save"),
+                                  (visurf.json, "dump")]:
+                    m.setattr(mod, name, counted(getattr(mod, name)))
+                return real_save(*a, **kw)
+
+        out = tmp_path / f"k{k}"
+        monkeypatch.setattr(visurf, "save_checkpoint", save)
+        with pytest.raises(Killed) if k <= 9 else contextlib.nullcontext():
+            run_main(capsys, *tiny_argv(out))
+        monkeypatch.setattr(visurf, "save_checkpoint", real_save)
+        if k > 9:  # past the last operation of a save: nothing was interrupted
+            break
+        run_main(capsys, *tiny_argv(out, "--resume", str(out / "checkpoint")))
+        got = [(m["step"], m["loss"], m["reward"], m["grad_norm"]) for m in step_metrics(out)]
+        assert got == want, k
+        assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"], (k, os.listdir(out))
+    assert k == 10  # every one of the save's 9 operations was interrupted once
+
+
+def test_sigkill_during_saves_then_resume(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(HERE, "visurf.py"), *tiny_argv(out)[2:], "--steps", "40"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step 5/"):
+            break
+    time.sleep(0.05 + random.random() * 0.3)  # somewhere in a later step or its save
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    rc, stdout, err = cli(*tiny_argv(out)[2:], "--steps", "40", "--resume", str(out / "checkpoint"))
+    assert rc == 0, err
+    assert [m["step"] for m in step_metrics(out)] == list(range(1, 41))
+
+
+def test_overwrite_clears_the_old_run_before_writing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "2"))
+    monkeypatch.setattr(visurf, "save_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):  # killed before the new run's first save
+        run_main(capsys, *tiny_argv(out, "--overwrite", "--seed", "1"))
+    assert not (out / "checkpoint").exists()
+    assert [m["step"] for m in step_metrics(out)] == [1]  # the new run's only step, nothing of the old
+
+
+def test_corrupt_checkpoints_and_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "2"))
+    ck = out / "checkpoint"
+    resume = tiny_argv(out, "--steps", "3", "--resume", str(ck))
+    state = (ck / "trainer_state.pt").read_bytes()
+    weights = (ck / "model.safetensors").read_bytes()
+    for file, text, needle in [("trainer_state.pt", b"", "trainer_state.pt: unreadable"),
+                               ("trainer_state.pt", state[:len(state) // 2], "trainer_state.pt: unreadable"),
+                               ("model.safetensors", weights[:len(weights) // 2], "cannot load model")]:
+        (ck / file).write_bytes(text)
+        with pytest.raises(SystemExit) as e:
+            run_main(capsys, *resume)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and str(ck) in err and len(err.strip().splitlines()) == 1, err
+        (ck / "trainer_state.pt").write_bytes(state)
+        (ck / "model.safetensors").write_bytes(weights)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill in the middle of a line
+    _, printed = run_main(capsys, *resume)
+    assert "dropped a half-written last line" in printed.out
+    assert [m["step"] for m in step_metrics(out)] == [1, 2, 3]
+    # a finished run resumed again: nothing to do, nothing appended
+    before = (out / "metrics.jsonl").read_text()
+    _, printed = run_main(capsys, *tiny_argv(out, "--steps", "3", "--resume", str(ck)))
+    assert "nothing to do" in printed.out and (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_a_different_run_and_allows_safe_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "2"))
+    for flag, value, old in [("--lr", "1e-3", "0.0005"), ("--seed", "3", "0"), ("--batch-size", "2", "1"),
+                             ("--mode", "grpo", "'visurf'"), ("--think-weight", "1", "0.333")]:
+        with pytest.raises(SystemExit):
+            run_main(capsys, *tiny_argv(out, "--steps", "3", flag, value, "--resume", str(out / "checkpoint")))
+        err = capsys.readouterr().err
+        assert f"this run had {flag} {old}" in err and len(err.strip().splitlines()) == 1, err
+    _, printed = run_main(capsys, *tiny_argv(out, "--steps", "3", "--eval-every", "1", "--save-every", "5",
+                                             "--resume", str(out / "checkpoint")))
+    assert "step 3/3" in printed.out
+
+
+def test_output_dir_problems_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        visurf.main(["--output-dir", str(tmp_path / "file" / "run")])
+    assert e.value.code == 2 and "cannot write there" in capsys.readouterr().err
+    # a full disk at a save: one line, exit 1, and the previous checkpoint stays complete
+    out = tmp_path / "run"
+    real_save, saves = visurf.torch.save, []
+    def full(obj, f, *a, **kw):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(visurf.torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        run_main(capsys, *tiny_argv(out))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "No space left on device" in err and "intact" in err
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+
+
+def test_task_defaults_leave_room_for_the_labels(tmp_path, capsys):
+    for task in ("detection", "grounding"):
+        _, printed = run_main(capsys, *tiny_argv(tmp_path / task, "--steps", "1", "--task", task))
+        args = json.load(open(tmp_path / task / "checkpoint" / "generation_config.json"))
+        _, processor, conv = visurf.load_model(str(tmp_path / task / "checkpoint"), visurf.parse_args([]))
+        longest = max(len(processor.tokenizer(data.gt_completion(s, conv))["input_ids"]) + 1
+                      for s in data.synthetic(task, 64 * 6, 0) + data.synthetic(task, 192, 0, "eval"))
+        assert args["max_new_tokens"] >= longest, (task, args["max_new_tokens"], longest)
+
+
+def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, capsys):
+    """A checkpoint's saved generation_config makes plain model.generate decode as visurf's
+    evaluation does (greedy, vision tokens suppressed, stopping at either end token)."""
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "2", "--lr", "5e-3"))
+    ck = str(out / "checkpoint")
+    from transformers import AutoModelForImageTextToText
+    # the README's lines; visurf.ImageOnlyProcessor stands in for AutoProcessor here (no torchvision)
+    model = AutoModelForImageTextToText.from_pretrained(ck)
+    processor = visurf.ImageOnlyProcessor.from_pretrained(ck)
+    samples = data.synthetic("classification", 4, 0, "eval")
+    msgs = [data.messages(s, Q2) for s in samples]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
+    plain = processor.batch_decode(model.generate(**inputs)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    n = str(model.generation_config.max_new_tokens)  # what the run used, and saved
+    args = visurf.parse_args(["--model", ck, "--eval-batch-size", "4", "--max-new-tokens", n])
+    m, p, conv = visurf.load_model(ck, args)
+    _, ours = visurf.evaluate(m, p, samples, conv, args)
+    assert plain == ours
+
+
+def readme_commands():
+    """Every `python visurf.py ...` command in the README, continuation lines joined."""
+    import shlex
+    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
+    cmds = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip() if not line.strip().startswith("|") else ""
+        if line.startswith("python visurf.py") or line.startswith("torchrun"):
+            cmds.append(shlex.split(line)[2:])
+    return cmds
+
+
+def test_every_readme_command_parses(capsys):
+    cmds = readme_commands()
+    assert len(cmds) >= 10
+    for argv in cmds:
+        try:
+            visurf.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: python visurf.py {' '.join(argv)}\n{capsys.readouterr().err}")
 
 
 # =============================================================================

@@ -38,18 +38,6 @@ import sys
 import time
 
 import numpy as np
-import torch
-import transformers
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.checkpoint import checkpoint
-from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration)
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import cached_file
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 import data
 import rewards
@@ -65,6 +53,127 @@ REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Vi
 def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+# -----------------------------------------------------------------------------
+# Flags first: --help and a bad flag answer before torch and transformers load (5 s)
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ViSurf / GRPO / SFT for Qwen2-VL, one file.")
+    p.error = lambda msg: die(msg)  # one line, exit status 2
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="'tiny' (random, built in code), a hub id or a local path")
+    g.add_argument("--freeze-vision", action="store_true", help="train the language model only")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image (default: 512*28*28)")
+    g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="per image (default: 56*56)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="dataset file or folder (default: the built-in synthetic task)")
+    g.add_argument("--images", help="image folder (COCO/LVIS); default: next to --data")
+    g.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
+                   help="which built-in synthetic task (default: classification)")
+    g.add_argument("--categories", help="comma-separated categories (COCO/LVIS) or class list")
+    g.add_argument("--shots", type=int, help="keep K images per category / class")
+    g.add_argument("--negatives", type=float, default=0.0, help="'No Objects' prompts per positive one (default: 0)")
+    g.add_argument("--skip-bad", action="store_true", help="warn about bad records and carry on")
+    g.add_argument("--eval-data", help="held-out set for --eval-every and the before/after numbers")
+    g.add_argument("--eval-images", help="image folder for --eval-data")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out prompts only")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"], help="default: visurf")
+    g.add_argument("--ablate", default="", help=f"rules to switch off, any of {','.join(RULES)}")
+    g.add_argument("--think-weight", type=float, default=1 / 3,
+                   help="w in the reward w*think + answer, every mode (default: 1/3, the ViSurf authors' "
+                   "thinking-to-accuracy ratio; 1 is Visual-RFT's plain sum)")
+    g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt (default: 8)")
+    g.add_argument("--max-new-tokens", type=int, help=f"tiny: the longest label + 4, "
+                   f"else {REAL_DEFAULTS['max_new_tokens']}")
+    g.add_argument("--min-new-tokens", type=int, default=0,
+                   help="force this many tokens per rollout, for like-for-like benchmarks (default: 0)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip (default: 0.2)")
+    g.add_argument("--loss-agg", default="sum", choices=["sum", "token-mean", "seq-mean-token-mean"],
+                   help="sum (default): token losses summed, / sequences (the paper's Eq. 8); token-mean: "
+                   "/ completion tokens (DAPO, veRL, TRL); seq-mean-token-mean: mean per sequence, then over "
+                   "sequences (GRPO, Visual-RFT)")
+    g.add_argument("--ppo-epochs", type=int, default=1,
+                   help="updates per batch of rollouts (default: 1); above 1 the per-token ratio departs "
+                   "from the paper's sequence-level ratio")
+    g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
+    g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
+                   help="iou (default), or (GIoU + 1) / 2")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
+    g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
+                   f"else {REAL_DEFAULTS['batch_size']}")
+    g.add_argument("--micro-batch", type=int, help="prompts (whole groups) per forward/backward; default: all")
+    g.add_argument("--lr", type=float, help=f"tiny: {TINY_DEFAULTS['lr']}, else {REAL_DEFAULTS['lr']}")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default: 0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0: before and after only")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
+    g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
+    g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
+    g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    args = p.parse_args(argv)
+
+    for k, v in (TINY_DEFAULTS if args.model == "tiny" else REAL_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.ablate = [r.strip() for r in args.ablate.split(",") if r.strip()]
+    for r in args.ablate:
+        if r not in RULES:
+            die(f"--ablate: unknown rule {r!r} (choose from {', '.join(RULES)})")
+    if args.ablate and args.mode != "visurf":
+        die("--ablate switches off ViSurf's rules, so it needs --mode visurf")
+    if args.group_size < (2 if args.mode == "grpo" else 1):
+        die("--group-size must be at least 2 for grpo (the advantage needs a spread) and 1 otherwise")
+    if args.beta > 0 and args.mode == "sft":
+        die("--beta is a policy-gradient option; --mode sft has no KL term")
+    # every value checked before anything is loaded; "not x > 0" also refuses NaN
+    at_least = dict(steps=1, batch_size=1, max_new_tokens=1, ppo_epochs=1, save_every=1, eval_batch_size=1,
+                    micro_batch=1, shots=1, eval_limit=1, eval_every=0, warmup_steps=0, min_new_tokens=0,
+                    seed=0, min_pixels=28 * 28)
+    for k, lo in at_least.items():
+        if getattr(args, k) is not None and getattr(args, k) < lo:
+            die(f"--{k.replace('_', '-')} must be at least {lo} (got {getattr(args, k)})")
+    for k in ("lr", "clip_eps", "grad_clip"):
+        if not (0 < getattr(args, k) < math.inf):
+            die(f"--{k.replace('_', '-')} must be a positive number (got {getattr(args, k)})")
+    for k in ("beta", "negatives", "weight_decay", "think_weight"):
+        if not (0 <= getattr(args, k) < math.inf):
+            die(f"--{k.replace('_', '-')} must be a non-negative number (got {getattr(args, k)})")
+    if args.max_pixels < args.min_pixels:
+        die(f"--max-pixels ({args.max_pixels}) is below --min-pixels ({args.min_pixels})")
+    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
+    if args.eval_data and not args.data:
+        die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
+    if args.eval_images and not args.eval_data:
+        die("--eval-images goes with --eval-data")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # exits here on --help or a bad flag
+
+import torch  # noqa: E402  (after the flags, on purpose)
+import transformers  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,  # noqa: E402
+                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor  # noqa: E402
+from transformers.utils import cached_file  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -649,117 +758,7 @@ def batch_for_step(n, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ViSurf / GRPO / SFT for Qwen2-VL, one file.")
-    p.error = lambda msg: die(msg)  # one line, exit status 2
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="'tiny' (random, built in code), a hub id or a local path")
-    g.add_argument("--freeze-vision", action="store_true", help="train the language model only")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image (default: 512*28*28)")
-    g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="per image (default: 56*56)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset file or folder (default: the built-in synthetic task)")
-    g.add_argument("--images", help="image folder (COCO/LVIS); default: next to --data")
-    g.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
-                   help="which built-in synthetic task (default: classification)")
-    g.add_argument("--categories", help="comma-separated categories (COCO/LVIS) or class list")
-    g.add_argument("--shots", type=int, help="keep K images per category / class")
-    g.add_argument("--negatives", type=float, default=0.0, help="'No Objects' prompts per positive one (default: 0)")
-    g.add_argument("--skip-bad", action="store_true", help="warn about bad records and carry on")
-    g.add_argument("--eval-data", help="held-out set for --eval-every and the before/after numbers")
-    g.add_argument("--eval-images", help="image folder for --eval-data")
-    g.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out prompts only")
-    g = p.add_argument_group("algorithm")
-    g.add_argument("--mode", default="visurf", choices=["visurf", "grpo", "sft"], help="default: visurf")
-    g.add_argument("--ablate", default="", help=f"rules to switch off, any of {','.join(RULES)}")
-    g.add_argument("--think-weight", type=float, default=1 / 3,
-                   help="w in the reward w*think + answer, every mode (default: 1/3, the ViSurf authors' "
-                   "thinking-to-accuracy ratio; 1 is Visual-RFT's plain sum)")
-    g.add_argument("--group-size", type=int, default=8, help="G: rollouts per prompt (default: 8)")
-    g.add_argument("--max-new-tokens", type=int, help=f"tiny: the longest label + 4, "
-                   f"else {REAL_DEFAULTS['max_new_tokens']}")
-    g.add_argument("--min-new-tokens", type=int, default=0,
-                   help="force this many tokens per rollout, for like-for-like benchmarks (default: 0)")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip (default: 0.2)")
-    g.add_argument("--loss-agg", default="sum", choices=["sum", "token-mean", "seq-mean-token-mean"],
-                   help="sum (default): token losses summed, / sequences (the paper's Eq. 8); token-mean: "
-                   "/ completion tokens (DAPO, veRL, TRL); seq-mean-token-mean: mean per sequence, then over "
-                   "sequences (GRPO, Visual-RFT)")
-    g.add_argument("--ppo-epochs", type=int, default=1,
-                   help="updates per batch of rollouts (default: 1); above 1 the per-token ratio departs "
-                   "from the paper's sequence-level ratio")
-    g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
-    g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
-                   help="iou (default), or (GIoU + 1) / 2")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
-    g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
-                   f"else {REAL_DEFAULTS['batch_size']}")
-    g.add_argument("--micro-batch", type=int, help="prompts (whole groups) per forward/backward; default: all")
-    g.add_argument("--lr", type=float, help=f"tiny: {TINY_DEFAULTS['lr']}, else {REAL_DEFAULTS['lr']}")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default: 0)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0: before and after only")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
-    g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
-    g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
-    g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    args = p.parse_args(argv)
-
-    for k, v in (TINY_DEFAULTS if args.model == "tiny" else REAL_DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.ablate = [r.strip() for r in args.ablate.split(",") if r.strip()]
-    for r in args.ablate:
-        if r not in RULES:
-            die(f"--ablate: unknown rule {r!r} (choose from {', '.join(RULES)})")
-    if args.ablate and args.mode != "visurf":
-        die("--ablate switches off ViSurf's rules, so it needs --mode visurf")
-    if args.group_size < (2 if args.mode == "grpo" else 1):
-        die("--group-size must be at least 2 for grpo (the advantage needs a spread) and 1 otherwise")
-    if args.beta > 0 and args.mode == "sft":
-        die("--beta is a policy-gradient option; --mode sft has no KL term")
-    # every value checked before anything is loaded; "not x > 0" also refuses NaN
-    at_least = dict(steps=1, batch_size=1, max_new_tokens=1, ppo_epochs=1, save_every=1, eval_batch_size=1,
-                    micro_batch=1, shots=1, eval_limit=1, eval_every=0, warmup_steps=0, min_new_tokens=0,
-                    seed=0, min_pixels=28 * 28)
-    for k, lo in at_least.items():
-        if getattr(args, k) is not None and getattr(args, k) < lo:
-            die(f"--{k.replace('_', '-')} must be at least {lo} (got {getattr(args, k)})")
-    for k in ("lr", "clip_eps", "grad_clip"):
-        if not (0 < getattr(args, k) < math.inf):
-            die(f"--{k.replace('_', '-')} must be a positive number (got {getattr(args, k)})")
-    for k in ("beta", "negatives", "weight_decay", "think_weight"):
-        if not (0 <= getattr(args, k) < math.inf):
-            die(f"--{k.replace('_', '-')} must be a non-negative number (got {getattr(args, k)})")
-    if args.max_pixels < args.min_pixels:
-        die(f"--max-pixels ({args.max_pixels}) is below --min-pixels ({args.min_pixels})")
-    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
-        die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
-    if args.eval_data and not args.data:
-        die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
-    if args.eval_images and not args.eval_data:
-        die("--eval-images goes with --eval-data")
-    if args.device:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            die(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-            die(f"--device {args.device}: no such CUDA device here")
-        if device.type not in ("cpu", "cuda"):
-            die(f"--device {args.device}: visurf runs on cpu or cuda")
-    return args
-
+# The run: data, model, training loop, progress, checkpoints
 
 def load_data(args):
     """-> (train samples, eval samples, eval info)."""
@@ -807,6 +806,15 @@ def prepare_output_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.device:  # checked before anything is loaded
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            die(f"--device {args.device}: not a device (cpu, cuda, cuda:1, ...)")
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            die(f"--device {args.device}: no such CUDA device here")
+        if device.type not in ("cpu", "cuda"):
+            die(f"--device {args.device}: visurf runs on cpu or cuda")
     prepare_output_dir(args)
     state = load_trainer_state(args.resume, args) if args.resume else None
     transformers.utils.logging.disable_progress_bar()
