@@ -1500,6 +1500,90 @@ def test_every_readme_command_parses(capsys):
 
 
 # =============================================================================
+# Several processes: torchrun on PyTorch's own DDP (gloo on CPU)
+
+DDP_SCRIPT = r'''
+import copy, sys, torch
+sys.path.insert(0, sys.argv[1])
+import data, visurf
+out = sys.argv[2]
+args = visurf.parse_args(["--group-size", "2"])
+rank, world = visurf.init_distributed(args)
+base, processor, conv = visurf.load_model("tiny", args)
+base = base.double()
+tok = processor.tokenizer
+samples = data.synthetic("classification", 4, 0)
+texts = ["<answer>red</answer>", "<think>it is blue</think><answer>blue</answer>", "green",
+         "<think>a long look at the shape and the noise around it</think><answer>red</answer>"]
+results = {}
+for mode, agg, mb in [(m, a, None) for m in ("visurf", "grpo", "sft") for a in ("sum", "token-mean", "seq-mean-token-mean")] + [("visurf", "seq-mean-token-mean", "1")]:
+    a = visurf.parse_args(["--mode", mode, "--loss-agg", agg, "--group-size", "2"] + (["--micro-batch", mb] if mb else []))
+    per = {"visurf": 3, "grpo": 2, "sft": 1}[mode]
+    comps = [tok(texts[(i * 7 + j) % 4], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+             for i in range(4) for j in range(per)]                      # fixed completions: 4 prompts x per
+    adv = torch.tensor([((-1) ** k) * (0.3 + 0.1 * k) for k in range(4 * per)], dtype=torch.float64)
+    share = 4 // world
+    rows = slice(rank * share * per, (rank + 1) * share * per)
+    model = copy.deepcopy(base)
+    prompts = visurf.encode_prompts(processor, samples[rank * share:(rank + 1) * share], conv, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ddp = visurf.distributed_logprobs(model, torch.device("cpu")) if world > 1 else None
+    m = visurf.all_mean(visurf.update(model, opt, prompts, comps[rows], adv[rows], per, a, None, ddp))
+    results[f"{mode} {agg} {mb}"] = (m["loss"], {k: v.clone() for k, v in model.state_dict().items()})
+if rank == 0:
+    torch.save(results, out)
+'''
+
+
+def torchrun(*argv, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), *argv], capture_output=True, text=True, cwd=tempfile.mkdtemp(), timeout=600)
+
+
+def test_two_processes_make_the_one_process_update(tmp_path):
+    """B = 4 prompts with given completions and advantages: 2 processes x 2 prompts under torchrun
+    give the same loss and the same weights afterwards as 1 process x 4, for every mode and loss
+    aggregation (the denominators are summed over processes; DDP averages the gradients)."""
+    script = tmp_path / "ddp_update.py"
+    script.write_text(DDP_SCRIPT)
+    p = torchrun(str(script), HERE, str(tmp_path / "two.pt"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two.keys() == one.keys() and len(one) == 10
+    start = visurf.build_tiny(0)[0].double().state_dict()
+    for key, (loss1, w1) in one.items():
+        loss2, w2 = two[key]
+        assert loss2 == pytest.approx(loss1, rel=1e-9, abs=1e-12), key
+        moved = max((w1[k] - start[k]).abs().max().item() for k in w1)
+        assert moved > 1e-4, key  # the update did something
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-6 * moved, key
+
+
+def test_a_run_under_torchrun_logs_saves_and_resumes_exactly(tmp_path):
+    base = ["--steps", "4", "--batch-size", "2", "--group-size", "2", "--shots", "1", "--eval-limit", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--output-dir", str(full))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("step 4/4") == 1 and "x 2 processes" in p.stdout  # one process prints
+    steps = step_metrics(full)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and all(m["sequences"] == 6 for m in steps)  # 2 x (G + 1) ...
+    assert all(math.isfinite(m["loss"]) and 0 <= m["reward"] <= 2 for m in steps)
+    from transformers import AutoModelForImageTextToText
+    AutoModelForImageTextToText.from_pretrained(str(full / "checkpoint"))  # plain transformers loads it
+    assert torchrun(os.path.join(HERE, "visurf.py"), *base[:1], "2", *base[2:], "--output-dir", str(part)).returncode == 0
+    p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--output-dir", str(part), "--resume", str(part / "checkpoint"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for a, b in zip(steps, step_metrics(part)):
+        for k in ("step", "loss", "reward", "grad_norm", "gt_advantage"):
+            assert a[k] == b[k], (a["step"], k)
+    # a checkpoint of 2 processes is refused by 1, in one line
+    rc, _, err = cli(*base, "--steps", "5", "--output-dir", str(part), "--resume", str(part / "checkpoint"))
+    assert_clean_error(rc, err, "saved by 2 process(es), resumed with 1")
+
+
+# =============================================================================
 # The comparison runner (bench/compare_modes.py)
 
 def test_compare_modes_runner_writes_table_and_plot(tmp_path):

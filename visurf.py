@@ -68,7 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image (default: 512*28*28)")
     g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="per image (default: 56*56)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset file or folder (default: the built-in synthetic task)")
+    g.add_argument("--data", help="records (.json/.jsonl), COCO/LVIS JSON, a class-folder tree, or Visual-RFT's "
+                   "parquet / save_to_disk data (default: the built-in synthetic task)")
     g.add_argument("--images", help="image folder (COCO/LVIS); default: next to --data")
     g.add_argument("--task", default="classification", choices=["classification", "detection", "grounding"],
                    help="which built-in synthetic task (default: classification)")
@@ -115,7 +116,7 @@ def parse_args(argv=None):
     g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0: before and after only")
     g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
-    g.add_argument("--eval", action="store_true", help="evaluate --model on --data and exit")
+    g.add_argument("--eval", action="store_true", help="evaluate --model on --data (or the synthetic held-out set) and exit")
     g.add_argument("--resume", help="a checkpoint folder written by visurf.py")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
     g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
@@ -163,6 +164,7 @@ if __name__ == "__main__":
     parse_args()  # exits here on --help or a bad flag
 
 import torch  # noqa: E402  (after the flags, on purpose)
+import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
@@ -497,22 +499,25 @@ def score(sample, text, answer, args):
     return rewards.score(sample["task"], text, answer, giou=args.grounding_reward == "giou")
 
 
-def train_step(model, processor, optimizer, samples, conv, args, ref_model=None):
+def train_step(model, processor, optimizer, samples, conv, args, ref_model=None, ddp=None):
     t0 = time.time()
     prompts, completions, adv, per, stats = make_groups(model, processor, samples, conv, args)
-    stats.update(update(model, optimizer, prompts, completions, adv, per, args, ref_model))
+    stats.update(update(model, optimizer, prompts, completions, adv, per, args, ref_model, ddp))
     stats["seconds"] = time.time() - t0
     stats["gen_tokens_per_s"] = stats["gen_tokens"] / stats["t_generate"] if stats["t_generate"] else 0.0
     return stats
 
 
-def update(model, optimizer, prompts, completions, adv, per, args, ref_model=None):
+def update(model, optimizer, prompts, completions, adv, per, args, ref_model=None, ddp=None):
     """Step 6: the clipped policy-gradient loss over every sequence (the label's SFT
-    loss alone in --mode sft), in micro-batches of whole groups, then AdamW."""
+    loss alone in --mode sft), in micro-batches of whole groups, then AdamW. Under
+    torchrun, `ddp` wraps the log-probabilities and averages gradients over processes."""
     B, device = prompts["input_ids"].shape[0], model.device
     adv = adv.to(device)
-    # the loss is a sum over micro-batches; its denominators count the whole batch
-    n_seqs, n_tokens = len(completions), sum(map(len, completions))
+    # the loss is a sum over micro-batches (and processes); its denominators count the
+    # whole batch, so any split of the batch gives the same gradient
+    n_seqs, n_tokens = all_sum([len(completions), sum(map(len, completions))])
+    logprobs = ddp or (lambda *a: token_logprobs(model, *a))
     mb = args.micro_batch or B
     old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
     model.train()
@@ -523,20 +528,23 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
             b1 = min(B, b0 + mb)
             rows = slice(b0 * per, b1 * per)
             sub = select_prompts(prompts, torch.arange(b0, b1, device=device))
-            with autocast(device):
-                logp, mask = token_logprobs(model, sub, completions[rows], per)
-                if args.mode == "sft":
-                    per_token = -logp                                 # [N, T]
-                else:
-                    # pi_old: the policy that sampled, i.e. this one before the first update
-                    old.setdefault(b0, logp.detach())
-                    if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
-                        with torch.no_grad():
-                            ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
-                    per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, ref.get(b0), args.beta)
-                loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens)
-            loss.backward()
-            loss_total += loss.item() / args.ppo_epochs
+            last = b1 == B  # DDP averages gradients once, in the last micro-batch's backward
+            with ddp.no_sync() if ddp and not last else contextlib.nullcontext():
+                with autocast(device):
+                    logp, mask = logprobs(sub, completions[rows], per)
+                    if args.mode == "sft":
+                        per_token = -logp                                 # [N, T]
+                    else:
+                        # pi_old: the policy that sampled, i.e. this one before the first update
+                        old.setdefault(b0, logp.detach())
+                        if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
+                            with torch.no_grad():
+                                ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
+                        per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, ref.get(b0), args.beta)
+                    # DDP averages over processes what must be summed: scale by their number
+                    loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens) * world_size()
+                loss.backward()
+            loss_total += loss.item() / args.ppo_epochs  # this process's share, times the processes
         t_fb += time.time() - t
         t = time.time()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -663,12 +671,14 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(out_dir, model, processor, optimizer, step, rng, args):
+def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead=True):
     """Written in full beside the old one, then swapped in by two renames, so whatever
     instant a kill lands at, a complete checkpoint is left: `checkpoint`, or during the
     swap `checkpoint.old` and a complete `checkpoint.tmp` (heal_checkpoint takes it)."""
     path = os.path.join(out_dir, "checkpoint")
     tmp, old = path + ".tmp", path + ".old"
+    if not lead:  # under torchrun, one process writes
+        return path
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
@@ -682,7 +692,7 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rng, args):
         json.dump(dict(pre, processor_class="Qwen2_5_VLProcessor" if model.config.model_type == "qwen2_5_vl"
                        else "Qwen2VLProcessor"), f, indent=1)
     # the trainer state last, and by a rename: its presence marks a complete checkpoint
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "args": vars(args)},
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args)},
                os.path.join(tmp, "trainer_state.pt.part"))
     os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(old, ignore_errors=True)  # left by a kill during the last clean-up
@@ -758,6 +768,85 @@ def batch_for_step(n, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
+# Several processes (torchrun): data parallel over whole groups, on PyTorch's DDP
+
+class PolicyLogProbs(torch.nn.Module):
+    """token_logprobs as a module's forward: what DistributedDataParallel wraps, so that
+    every backward through it averages the gradients over the processes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompts, completions, per_prompt):
+        return token_logprobs(self.model, prompts, completions, per_prompt)
+
+
+def init_distributed(args):
+    """-> (rank, world size). Only torchrun's environment starts a process group."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if cuda:  # one GPU per process
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed_logprobs(model, device):
+    # gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy
+    return torch.nn.parallel.DistributedDataParallel(
+        PolicyLogProbs(model), device_ids=[device] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values):
+    """Sum of a list of numbers over the processes (itself in one process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_mean(stats):
+    """One step's metrics over all processes: every process holds the same number of
+    prompts, so means of means are global means; counts add up."""
+    if not dist.is_initialized():
+        return stats
+    keys = [k for k, v in stats.items() if isinstance(v, (int, float))]
+    n = dist.get_world_size()
+    summed = all_sum([float(stats[k]) for k in keys])
+    return dict(stats, **{k: v if k in ("sequences", "gen_tokens") else v / n for k, v in zip(keys, summed)})
+
+
+def gather_rng(rng):
+    """Every process's RNG state, for the checkpoint (each samples its own rollouts)."""
+    if not dist.is_initialized():
+        return [rng]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, rng)
+    return out
+
+
+def own_rng(saved, rank, world, path):
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) != world:
+        die(f"--resume {path}: saved by {len(saved)} process(es), resumed with {world}; use the same number")
+    return saved[rank]
+
+
+# -----------------------------------------------------------------------------
 # The run: data, model, training loop, progress, checkpoints
 
 def load_data(args):
@@ -815,7 +904,14 @@ def main(argv=None):
             die(f"--device {args.device}: no such CUDA device here")
         if device.type not in ("cpu", "cuda"):
             die(f"--device {args.device}: visurf runs on cpu or cuda")
-    prepare_output_dir(args)
+    rank, world = init_distributed(args)  # (0, 1) unless started by torchrun
+    lead = rank == 0  # the one process that prints, writes metrics and saves
+    if world > 1 and (args.eval or args.batch_size % world):
+        die(f"under torchrun, --batch-size ({args.batch_size}) must be a multiple of the {world} processes, "
+            f"and --eval runs in one process")
+    if lead:
+        prepare_output_dir(args)
+    barrier()
     state = load_trainer_state(args.resume, args) if args.resume else None
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
@@ -854,70 +950,86 @@ def main(argv=None):
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
+    if world > 1:  # each process samples its own rollouts; the weights start (and stay) equal
+        torch.manual_seed(args.seed + rank)
+    ddp = distributed_logprobs(model, device) if world > 1 else None
     metrics_path, start, kept = os.path.join(args.output_dir, "metrics.jsonl"), 0, []
     if state:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        set_rng_state(state["rng"])
-        kept = read_metrics(metrics_path, start)
+        set_rng_state(own_rng(state["rng"], rank, world, args.resume))
+        kept = read_metrics(metrics_path, start) if lead else []
         if start >= args.steps:
-            print(f"{args.resume} is at step {start}, and --steps is {args.steps}: nothing to do")
+            if lead:
+                print(f"{args.resume} is at step {start}, and --steps is {args.steps}: nothing to do")
             return None
-    elif args.overwrite:  # the old run goes before anything of the new one is written
+    elif args.overwrite and lead:  # the old run goes before anything of the new one is written
         for f in RUN_FILES:
             p = os.path.join(args.output_dir, f)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
-    with open(metrics_path + ".tmp", "w") as f:  # swapped in whole: a kill here loses no line
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
-    print(f"visurf: mode {args.mode}{' ablate ' + ','.join(args.ablate) if args.ablate else ''} | "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} | "
-          f"{len(train)} training prompts, {len(held)} held out | G {args.group_size} B {args.batch_size} "
-          f"lr {args.lr:g} steps {args.steps}")
+    if lead:
+        with open(metrics_path + ".tmp", "w") as f:  # swapped in whole: a kill here loses no line
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        print(f"visurf: mode {args.mode}{' ablate ' + ','.join(args.ablate) if args.ablate else ''} | "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+              f"{f' x {world} processes' if world > 1 else ''} | {len(train)} training prompts, {len(held)} held "
+              f"out | G {args.group_size} B {args.batch_size} lr {args.lr:g} steps {args.steps}")
 
     def log(record):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def run_eval(step):
+    def run_eval(step):  # on the lead process only; the others wait at their next collective
         result, _ = evaluate(model, processor, held, conv, args, info)
         log(dict(step=step, eval=result))
         return result
 
     before = next((json.loads(l)["eval"] for l in kept if '"eval"' in l and json.loads(l)["step"] == 0), None)
-    if held and start == 0:
+    if held and start == 0 and lead:
         before = run_eval(0)
         print(f"before training: {headline(before)}")
     step, t_start = start, time.time()
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
+    save = lambda: save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
     try:
         while step < args.steps:
             lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))  # linear warm-up, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
             samples = [train[i] for i in batch_for_step(len(train), args.batch_size, args.seed, step)]
-            m = train_step(model, processor, optimizer, samples, conv, args, ref_model)
+            share = len(samples) // world  # whole groups: this process's prompts of the step
+            m = train_step(model, processor, optimizer, samples[rank * share:(rank + 1) * share], conv, args,
+                           ref_model, ddp)
             step, rng = step + 1, rng_state()
             m["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-            log(dict(step=step, lr=lr, **m))
-            print(progress_line(m, step, args, eta=(time.time() - t_start) / (step - start) * (args.steps - step)),
-                  flush=True)
-            if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
+            m = all_mean(m)
+            if lead:
+                log(dict(step=step, lr=lr, **m))
+                print(progress_line(m, step, args, eta=(time.time() - t_start) / (step - start) * (args.steps - step)),
+                      flush=True)
+            if args.eval_every and step % args.eval_every == 0 and held and step < args.steps and lead:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
-                save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
-        path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
+                save()
+        path = save()
     except KeyboardInterrupt:
-        path = save_checkpoint(args.output_dir, model, processor, optimizer, step, rng, args)
+        if world > 1:  # the processes may be at different points: no collective save
+            die("interrupted: resume from the last periodic checkpoint (--save-every)", code=130)
+        path = save()
         print(f"\ninterrupted: saved step {step} to {path}; continue with --resume {path}")
         sys.exit(130)
     except OSError as e:  # a full disk: the last complete checkpoint is still in place
         die(f"cannot write to {args.output_dir} ({e.strerror or e}); the last saved checkpoint is intact", code=1)
-    after = run_eval(step) if held else None
+    after = run_eval(step) if held and lead else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
-    print(f"saved {path}")
+    if lead:
+        print(f"saved {path}")
+    barrier()
+    if world > 1:
+        dist.destroy_process_group()
     return after
 
 

@@ -1,24 +1,33 @@
 """
 The paper's comparison in miniature: SFT, RLVR (GRPO), SFT->RLVR, ViSurf and ViSurf
-with each reward-control rule switched off, from the same start, with the same seeds
-and the same budget in optimizer steps.
+with each reward-control rule switched off, from the same start, with the same seeds,
+the same data order and the same budget in optimizer steps.
 
-Few-shot, like the papers: K images per colour, reused every epoch. Two held-out sets:
-the training distribution, and a shifted one (circles on a brighter, noisier
-background, same colours). Two regimes:
-  a  beyond the model's knowledge: the tiny random model;
-  b  a partly competent start: the tiny model after a short SFT on three of the six
-     colours, then trained on all six.
+The new task (trained on): what colour is the shape? Six colours, few-shot like the
+papers (K images per colour, reused every epoch). Held out: the training distribution,
+split into the base's known colours and the novel ones, and a shifted set (circles on a
+brighter, noisier background, same colours).
+The retained task (never trained on here): how big is the shape? Small, medium or big.
 
-    python bench/compare_modes.py                    # everything, about 35 min on 2 cores
-    python bench/compare_modes.py --steps 2 --seeds 0 --configs visurf,sft --regimes a
+Two regimes:
+  a  beyond the model's knowledge: the tiny random model (it knows neither task);
+  b  a base that reasons in the format: the tiny model after a short SFT on full-format
+     completions, <think>a small shape</think><answer>red</answer>, of the colour task on
+     three of the six colours (red, green, blue) and of the retained task; then trained on
+     all six colours with answer-only labels, as the papers' labels are.
 
-Writes OUT/results.md (mean +- std over seeds), OUT/curves.png (needs matplotlib) and
-OUT/runs.json; each run's metrics.jsonl and checkpoint stay under OUT/runs/.
+    python bench/compare_modes.py                    # everything: 5 seeds, about 55 min on 2 cores
+    python bench/compare_modes.py --seeds 0,1,2 --steps 150
+    python bench/compare_modes.py --steps 2 --seeds 0 --configs visurf,sft --warm-steps 2 --eval-n 12
+
+Writes OUT/results.md (the results table, the regime-b start, and the paired differences
+by seed), OUT/curves.png (needs matplotlib) and OUT/runs.json; each run's metrics.jsonl
+and checkpoint stay under OUT/runs/.
 """
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -38,13 +47,135 @@ CONFIGS = {  # name -> visurf.py flags; "sft-grpo" runs two stages
     "visurf-no-think": ["--mode", "visurf", "--ablate", "think"],
     "visurf-no-smooth": ["--mode", "visurf", "--ablate", "smooth"],
 }
-WARM_COLOURS = "red,green,blue"  # regime b's head start
+KNOWN = ("red", "green", "blue")          # the colours regime b's base was taught
+NOVEL = ("yellow", "purple", "white")     # never named to the base
+TOKENS_A = 8   # regime a: room for the label, not for reasoning (as the random model never reasons)
+BASE_SHOTS = 16  # regime b's base: images per known colour and per size (disjoint from the few-shot set)
+
+# Fixed before any comparison run (see README): each row is (claim, regime, metric, A, B),
+# reported as the paired difference A - B over seeds; "start" is the run's starting model.
+CLAIMS = [
+    ("1 RLVR stalls beyond knowledge", "a", "in_dist", "grpo", "start"),
+    ("1 RLVR stalls beyond knowledge", "a", "in_dist", "visurf", "grpo"),
+    ("1 RLVR stalls beyond knowledge", "b", "novel", "grpo", "start"),
+    ("1 RLVR stalls beyond knowledge", "b", "novel", "visurf", "grpo"),
+    ("2 SFT injects knowledge", "b", "novel", "sft", "start"),
+    ("2 SFT injects knowledge", "b", "novel", "sft", "grpo"),
+    ("2 SFT forgets", "b", "retained", "sft", "start"),
+    ("2 SFT forgets", "b", "retained", "sft", "grpo"),
+    ("2 SFT forgets", "b", "format", "sft", "start"),
+    ("3 SFT->RLVR inherits forgetting", "b", "retained", "sft-grpo", "start"),
+    ("3 SFT->RLVR inherits forgetting", "b", "retained", "sft-grpo", "visurf"),
+    ("3 SFT->RLVR inherits forgetting", "b", "format", "sft-grpo", "visurf"),
+    ("3 SFT->RLVR vs ViSurf", "a", "in_dist", "sft-grpo", "visurf"),
+    ("3 SFT->RLVR vs ViSurf", "b", "in_dist", "sft-grpo", "visurf"),
+    ("4 ViSurf vs SFT", "a", "in_dist", "visurf", "sft"),
+    ("4 ViSurf vs SFT", "b", "in_dist", "visurf", "sft"),
+    ("4 ViSurf vs SFT", "a", "shifted", "visurf", "sft"),
+    ("4 ViSurf vs SFT", "b", "shifted", "visurf", "sft"),
+    ("4 ViSurf vs SFT", "b", "retained", "visurf", "sft"),
+    ("4 ViSurf vs SFT", "b", "format", "visurf", "sft"),
+    ("4 ViSurf keeps the base", "b", "retained", "visurf", "start"),
+    ("4 rule 1 (align)", "a", "in_dist", "visurf", "visurf-no-align"),
+    ("4 rule 1 (align)", "b", "in_dist", "visurf", "visurf-no-align"),
+    ("4 rule 2 (think)", "a", "in_dist", "visurf", "visurf-no-think"),
+    ("4 rule 2 (think)", "b", "in_dist", "visurf", "visurf-no-think"),
+    ("4 rule 2 (think)", "b", "format", "visurf", "visurf-no-think"),
+    ("4 rule 3 (smooth)", "a", "in_dist", "visurf", "visurf-no-smooth"),
+    ("4 rule 3 (smooth)", "b", "in_dist", "visurf", "visurf-no-smooth"),
+    ("4 rule 3 (smooth)", "b", "format", "visurf", "visurf-no-smooth"),
+    ("4 rule 3 (smooth)", "b", "retained", "visurf", "visurf-no-smooth"),
+    ("5 competent base: ceiling", "b", "known", "visurf", "grpo"),
+    ("5 competent base: ceiling", "b", "known", "grpo", "start"),
+]
+METRICS = {"in_dist": "in-distribution accuracy", "known": "accuracy on the base's known colours",
+           "novel": "accuracy on novel colours", "shifted": "shifted accuracy",
+           "retained": "retained-task accuracy", "format": "greedy completions in the think format"}
 
 
-def common(o, seed):
+# -----------------------------------------------------------------------------
+# Tasks (built here, from data.py's synthetic images; nothing in data.py changes)
+
+def quadrant(sample):
+    """Where the shape's centre lies: 'top left' ... 'bottom right'."""
+    x1, y1, x2, y2 = sample["box"]
+    w, h = sample["size"]
+    return ("top" if y1 + y2 < h else "bottom") + " " + ("left" if x1 + x2 < w else "right")
+
+
+def full_completion(sample, conv):
+    """What regime b's base is taught: a short reasoning text derived from the sample (what
+    and where the shape is; it names neither task's answer), then the aligned answer."""
+    import data
+    return f"<think>a square, {quadrant(sample)}</think>" + data.gt_completion(sample, conv)
+
+
+def colour_task(n, seed, split, shift=False):
+    """data.synthetic's colour task, with each shape's box kept for the reasoning text."""
+    import numpy as np
+    import data
+    samples = data.synthetic("classification", n, seed, split, shift=shift)
+    for s in samples:  # the box, recovered from the image: the pixels in the shape's colour
+        ys, xs = np.nonzero((np.asarray(s["image"]).astype(int) == data.COLOURS[s["answer"]]).all(-1))
+        s["box"] = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    return samples
+
+
+SIZES = {"small": (8, 14), "medium": (20, 28), "big": (34, 44)}  # the retained task's classes: side in px
+
+
+def retained_task(n, seed, split):
+    """How big is the shape? One square of any of the six colours on the colour task's
+    background, its side in one of three disjoint ranges."""
+    import numpy as np
+    import data
+    rng = np.random.default_rng([seed, 20_000, {"train": 0, "eval": 1}[split]])
+    colours, names, out = list(data.COLOURS), list(SIZES), []
+    for i in range(n):
+        size, colour = names[i % 3], colours[(i // 3) % 6]  # balanced sizes and colours
+        side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+        x, y = int(rng.integers(0, 56 - side + 1)), int(rng.integers(0, 56 - side + 1))
+        box = [x, y, x + side, y + side]
+        out.append({"task": "classification", "id": f"retained {split}: record {i}", "answer": size,
+                    "query": "How big is the shape?", "classes": names, "size": (56, 56),
+                    "image": data._draw(rng, (56, 56), [(colour, box)], False), "box": box})
+    return out
+
+
+def base_data(seed):
+    """Regime b's SFT data: the colour task on the known colours only (its prompt still lists
+    all six) and the retained task; images disjoint from the few-shot and held-out sets."""
+    colours = [s for s in colour_task(BASE_SHOTS * 6, 10_000 + seed, "train") if s["answer"] in KNOWN]
+    return colours + retained_task(BASE_SHOTS * 3, seed, "train")
+
+
+def tokens_b():
+    """Regime b's completion budget: the longest full-format colour completion + 4."""
+    import data
+    import visurf
+    args = visurf.parse_args(["--max-new-tokens", "1"])
+    _, processor, conv = visurf.load_model("tiny", args)
+    tok = processor.tokenizer
+    return 4 + max(len(tok(full_completion(s, conv), add_special_tokens=False)["input_ids"]) + 1
+                   for s in colour_task(60, 0, "train"))
+
+
+# -----------------------------------------------------------------------------
+# Runs
+
+def setup_torch():
+    import torch
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    return torch
+
+
+def common(o, seed, tokens):
     return ["--seed", str(seed), "--shots", str(o.shots), "--batch-size", str(o.batch_size),
-            "--group-size", str(o.group_size), "--lr", str(o.lr), "--max-new-tokens", "8",
-            "--eval-every", str(o.eval_every), "--save-every", str(10 ** 6), "--overwrite"]
+            "--group-size", str(o.group_size), "--lr", str(o.lr), "--max-new-tokens", str(tokens),
+            "--eval-every", str(o.eval_every), "--eval-limit", str(o.eval_n), "--save-every", str(10 ** 6),
+            "--overwrite"]
 
 
 def train(argv):
@@ -65,67 +196,162 @@ def read_metrics(path, offset=0):
     return out
 
 
+CURVE_KEYS = ("step", "reward", "reward_think", "reward_answer", "gt_smoothed", "gt_advantage", "eval")
+
+
 def run_one(o, regime, name, seed):
     out = os.path.join(o.out, "runs", regime, name, f"seed{seed}")
-    start = ["--model", os.path.join(o.out, "runs", "b", "start", f"seed{seed}", "checkpoint")] if regime == "b" else []
+    tokens = TOKENS_A if regime == "a" else o.tokens_b
+    start = ["--model", start_checkpoint(o, seed)] if regime == "b" else []
     t = time.time()
     if name == "sft-grpo":  # the same total steps, split between the two stages
         half = o.steps // 2
-        train(start + common(o, seed) + ["--mode", "sft", "--steps", str(half), "--output-dir", out + "-sft"])
-        train(["--model", os.path.join(out + "-sft", "checkpoint")] + common(o, seed) +
+        train(start + common(o, seed, tokens) + ["--mode", "sft", "--steps", str(half), "--output-dir", out + "-sft"])
+        train(["--model", os.path.join(out + "-sft", "checkpoint")] + common(o, seed, tokens) +
               ["--mode", "grpo", "--steps", str(o.steps - half), "--output-dir", out])
         metrics = read_metrics(os.path.join(out + "-sft", "metrics.jsonl"))
         metrics = [m for m in metrics if not ("eval" in m and m["step"] == half)]  # counted once, below
         metrics += read_metrics(os.path.join(out, "metrics.jsonl"), offset=half)
     else:
-        train(start + common(o, seed) + CONFIGS[name] + ["--steps", str(o.steps), "--output-dir", out])
+        train(start + common(o, seed, tokens) + CONFIGS[name] + ["--steps", str(o.steps), "--output-dir", out])
         metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
     wall = time.time() - t
-    in_dist, shifted = evaluate(os.path.join(out, "checkpoint"), seed)
     steps = [m for m in metrics if "loss" in m]
-    return {"regime": regime, "config": name, "seed": seed, "in_dist": in_dist, "shifted": shifted,
-            "wall_s": wall, "steps": len(steps),
-            "generated": sum(o.batch_size * o.group_size for m in steps if m["t_generate"] > 0),
-            "curve": [{k: m.get(k) for k in ("step", "reward", "gt_smoothed", "eval")} for m in metrics]}
+    return dict(regime=regime, config=name, seed=seed, **evaluate(o, os.path.join(out, "checkpoint"), seed),
+                wall_s=wall, steps=len(steps), stages=2 if name == "sft-grpo" else 1,
+                generated=sum(o.batch_size * o.group_size for m in steps if m.get("t_generate", 0) > 0),
+                curve=[{k: m[k] for k in CURVE_KEYS if k in m} for m in metrics])
 
 
-def evaluate(checkpoint, seed):
-    """Accuracy on both held-out sets: the training distribution and the shifted one."""
-    import torch
-    import data
+def evaluate(o, model_name, seed):
+    """Greedy accuracy on the held-out sets: the colour task (all, known colours, novel
+    colours), its shifted variant, the retained task; and the share of colour completions
+    written in the full think format."""
+    setup_torch()
+    import rewards
     import visurf
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(1)
-    args = visurf.parse_args(["--model", checkpoint, "--max-new-tokens", "8"])
-    model, processor, conv = visurf.load_model(checkpoint, args)
-    accs = []
-    for shift in (False, True):
-        held = data.synthetic("classification", 192, seed, "eval", shift=shift)
-        accs.append(visurf.evaluate(model, processor, held, conv, args)[0]["accuracy"])
-    return accs
+    args = visurf.parse_args(["--model", model_name, "--seed", str(seed), "--max-new-tokens", str(o.tokens_eval)])
+    model, processor, conv = visurf.load_model(model_name, args)
+    out = {}
+    for key, held in (("in_dist", colour_task(o.eval_n, seed, "eval")),
+                      ("shifted", colour_task(o.eval_n, seed, "eval", shift=True)),
+                      ("retained", retained_task(o.eval_n, seed, "eval"))):
+        texts = visurf.evaluate(model, processor, held, conv, args)[1]
+        ok = [rewards.classification_reward(rewards.extract_answer(t), s["answer"]) for t, s in zip(texts, held)]
+        out[key] = sum(ok) / len(ok)
+        if key == "in_dist":
+            for part, colours in (("known", KNOWN), ("novel", NOVEL)):
+                sel = [k for k, s in zip(ok, held) if s["answer"] in colours]
+                out[part] = sum(sel) / len(sel)
+            out["format"] = sum(rewards.think_reward(t) for t in texts) / len(texts)
+    return out
 
 
-def warm_start(o, seed):
-    out = os.path.join(o.out, "runs", "b", "start", f"seed{seed}")
-    train(common(o, seed) + ["--mode", "sft", "--steps", str(o.warm_steps), "--categories", WARM_COLOURS,
-                             "--output-dir", out])
-    return evaluate(os.path.join(out, "checkpoint"), seed)
+def start_checkpoint(o, seed):
+    return os.path.join(o.out, "runs", "b", "start", f"seed{seed}", "checkpoint")
 
 
-def table(runs, configs, regimes):
-    rows = ["| regime | config | in-distribution acc | shifted acc | steps | generated samples | wall s |",
-            "|---|---|---|---|---|---|---|"]
+def build_start(o, regime, seed):
+    """Regime a: the random tiny model visurf.py builds from this seed, evaluated as it is.
+    Regime b: that model after o.warm_steps of SFT on full-format completions (base_data),
+    through visurf's own update(), saved as a visurf checkpoint. Also measured: the share of
+    temperature-1 rollouts on the new task's training prompts that write the format."""
+    torch = setup_torch()
+    import numpy as np
+    import data
+    import rewards
+    import visurf
+    t = time.time()
+    if regime == "a":
+        return dict(regime=regime, seed=seed, **evaluate(o, "tiny", seed), rollout_format=0.0, wall_s=0.0)
+    args = visurf.parse_args(["--mode", "sft", "--seed", str(seed), "--batch-size", str(o.batch_size),
+                              "--lr", str(o.lr), "--max-new-tokens", str(o.tokens_b)])
+    torch.manual_seed(seed)
+    model, processor, conv = visurf.load_model("tiny", args)
+    tok, eos = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids(visurf.END_OF_TURN)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    samples = base_data(seed)
+    for step in range(o.warm_steps):
+        batch = [samples[i] for i in visurf.batch_for_step(len(samples), args.batch_size, seed + 10_000, step)]
+        prompts = visurf.encode_prompts(processor, batch, conv, model.device)
+        completions = [tok(full_completion(s, conv), add_special_tokens=False)["input_ids"] + [eos] for s in batch]
+        visurf.update(model, optimizer, prompts, completions, torch.ones(len(batch)), 1, args)
+    out = os.path.dirname(start_checkpoint(o, seed))
+    os.makedirs(out, exist_ok=True)
+    visurf.save_checkpoint(out, model, processor, optimizer, o.warm_steps, visurf.rng_state(), args)
+    # the share of sampled rollouts (temperature 1, G per prompt) in the format, on the new training prompts
+    train_prompts = data.synthetic("classification", o.shots * 6, seed, "train")
+    model.eval()
+    written = []
+    with torch.no_grad():
+        for i in range(0, len(train_prompts), 8):
+            prompts = visurf.encode_prompts(processor, train_prompts[i:i + 8], conv, model.device)
+            rollouts = visurf.generate(model, processor, prompts, o.group_size, o.tokens_b)
+            written += [rewards.think_reward(tok.decode(r, skip_special_tokens=True)) for r in rollouts]
+    wall = time.time() - t
+    return dict(regime=regime, seed=seed, **evaluate(o, start_checkpoint(o, seed), seed),
+                rollout_format=float(np.mean(written)), wall_s=wall)
+
+
+# -----------------------------------------------------------------------------
+# Tables and the picture
+
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs, digits=3):
+    m, s = mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(runs, starts, configs, regimes):
+    rows = ["| regime | config | in-distribution | known colours | novel colours | shifted | retained | "
+            "format | steps | stages | generated samples | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cols = ("in_dist", "known", "novel", "shifted", "retained", "format")
     for regime in regimes:
+        st = [s for s in starts if s["regime"] == regime]
+        if st:
+            rows.append(f"| {regime} | *start* | " + " | ".join(fmt([s[k] for s in st]) for k in cols) +
+                        f" | 0 | – | 0 | {statistics.mean(s['wall_s'] for s in st):.0f} |")
         for name in configs:
             rs = [r for r in runs if r["regime"] == regime and r["config"] == name]
-            if not rs:
-                continue
-            ms = lambda k: (f"{statistics.mean(r[k] for r in rs):.3f} ± "
-                            f"{statistics.stdev([r[k] for r in rs]) if len(rs) > 1 else 0:.3f}")
-            rows.append(f"| {regime} | {name} | {ms('in_dist')} | {ms('shifted')} | {rs[0]['steps']} | "
-                        f"{rs[0]['generated']} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+            if rs:
+                rows.append(f"| {regime} | {name} | " + " | ".join(fmt([r[k] for r in rs]) for k in cols) +
+                            f" | {rs[0]['steps']} | {rs[0]['stages']} | {rs[0]['generated']} | "
+                            f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
     return "\n".join(rows)
+
+
+def paired(runs, starts, claims):
+    """For each claim row, the per-seed difference A - B, its mean ± std, and whether |mean|
+    exceeds two standard errors (std / sqrt(n))."""
+    def value(regime, who, metric, seed):
+        pool = starts if who == "start" else [r for r in runs if r["config"] == who]
+        hit = [r[metric] for r in pool if r["regime"] == regime and r["seed"] == seed]
+        return hit[0] if hit else None
+    out = []
+    for claim, regime, metric, a, b in claims:
+        seeds = sorted({r["seed"] for r in runs if r["regime"] == regime})
+        d = [value(regime, a, metric, s) - value(regime, b, metric, s) for s in seeds
+             if value(regime, a, metric, s) is not None and value(regime, b, metric, s) is not None]
+        if not d:
+            continue
+        m, sd = mean_std(d)
+        se = sd / math.sqrt(len(d))
+        out.append(dict(claim=claim, regime=regime, metric=metric, a=a, b=b, diffs=d, mean=m, std=sd, se=se,
+                        beyond_2se=bool(abs(m) > 2 * se) if len(d) > 1 else None))
+    return out
+
+
+def paired_table(rows):
+    lines = ["| claim | regime | metric | A − B | per seed | mean ± std | > 2 SE |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "–" if r["beyond_2se"] is None else ("**yes**" if r["beyond_2se"] else "no")
+        lines.append(f"| {r['claim']} | {r['regime']} | {r['metric']} | {r['a']} − {r['b']} | "
+                     f"{' '.join(f'{x:+.2f}' for x in r['diffs'])} | {r['mean']:+.3f} ± {r['std']:.3f} | {verdict} |")
+    return "\n".join(lines)
 
 
 def plot(runs, configs, regimes, path):
@@ -133,9 +359,11 @@ def plot(runs, configs, regimes, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("held-out accuracy (in-distribution)", lambda m: m["eval"]["accuracy"] if m.get("eval") else None),
-              ("mean rollout reward", lambda m: m.get("reward")),
-              ("ground truth's share (rule 3 fired)", lambda m: m.get("gt_smoothed"))]
-    fig, axes = plt.subplots(len(regimes), 3, figsize=(15, 4 * len(regimes)), squeeze=False)
+              ("rollout reward: answer part", lambda m: m.get("reward_answer")),
+              ("rollout reward: think part", lambda m: m.get("reward_think")),
+              ("groups where rule 3 fired", lambda m: m.get("gt_smoothed")),
+              ("mean A_y (label's advantage)", lambda m: m.get("gt_advantage"))]
+    fig, axes = plt.subplots(len(regimes), len(panels), figsize=(4 * len(panels), 3.6 * len(regimes)), squeeze=False)
     for i, regime in enumerate(regimes):
         for j, (title, get) in enumerate(panels):
             ax = axes[i][j]
@@ -150,10 +378,11 @@ def plot(runs, configs, regimes, path):
                 ys = [statistics.mean(c[k][1] for c in curves) for k in range(n)]
                 if j > 0 and len(ys) > 20:  # per-step values are noisy: a running mean of 10
                     ys = [statistics.mean(ys[max(0, k - 9):k + 1]) for k in range(len(ys))]
-                ax.plot(xs, ys, label=name, color=f"C{list(CONFIGS).index(name)}")  # same colour in every panel
-            ax.set_title(f"regime {regime}: {title}")
+                ax.plot(xs, ys, label=name, color=f"C{list(CONFIGS).index(name)}",
+                        linestyle="--" if "no-" in name else "-")  # same colour in every panel
+            ax.set_title(f"regime {regime}: {title}", fontsize=9)
             ax.set_xlabel("optimizer step")
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
@@ -161,8 +390,8 @@ def plot(runs, configs, regimes, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per configuration")
-    p.add_argument("--warm-steps", type=int, default=120, help="regime b: SFT steps on three colours")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--warm-steps", type=int, default=400, help="regime b: the base's SFT steps")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--regimes", default="a,b")
     p.add_argument("--shots", type=int, default=4, help="training images per colour")
@@ -170,6 +399,7 @@ def main():
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-n", type=int, default=192, help="prompts in each held-out set")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     o = p.parse_args()
@@ -178,32 +408,52 @@ def main():
     for c in configs:
         if c not in CONFIGS:
             sys.exit(f"error: unknown config {c!r} (choose from {', '.join(CONFIGS)})")
+    for r in regimes:
+        if r not in ("a", "b"):
+            sys.exit(f"error: unknown regime {r!r} (choose from a, b)")
     os.makedirs(o.out, exist_ok=True)
-    t0, runs, starts = time.time(), [], {}
+    t0 = time.time()
     with cf.ProcessPoolExecutor(o.workers) as pool:
-        if "b" in regimes:
-            starts = dict(zip(seeds, pool.map(warm_start, [o] * len(seeds), seeds)))
-            for s, acc in starts.items():
-                print(f"regime b start, seed {s}: accuracy {acc[0]:.3f} in-distribution, {acc[1]:.3f} shifted",
-                      flush=True)
-        jobs = [pool.submit(run_one, o, r, c, s) for r in regimes for c in configs for s in seeds]
+        o.tokens_b = pool.submit(tokens_b).result()  # in a worker: the parent never loads torch
+        o.tokens_eval = o.tokens_b + 8  # greedy evaluation: room for the retained task's longer answers
+        starts = list(pool.map(build_start, [o] * (len(regimes) * len(seeds)),
+                               [r for r in regimes for _ in seeds], seeds * len(regimes)))
+        for s in starts:
+            print(f"start {s['regime']} seed {s['seed']}: in-dist {s['in_dist']:.3f} (known {s['known']:.3f}, "
+                  f"novel {s['novel']:.3f}) retained {s['retained']:.3f} format {s['format']:.3f} "
+                  f"rollout format {s['rollout_format']:.3f}", flush=True)
+        # the longest runs first, so that two workers finish together
+        order = sorted(((r, c, s) for r in regimes for c in configs for s in seeds),
+                       key=lambda j: (j[1] == "sft", j[1] == "sft-grpo", j[0] == "a"))
+        jobs = [pool.submit(run_one, o, *j) for j in order]
+        runs = []
         for f in cf.as_completed(jobs):
             r = f.result()
             runs.append(r)
-            print(f"{r['regime']} {r['config']:<17} seed {r['seed']}: in-dist {r['in_dist']:.3f} "
-                  f"shifted {r['shifted']:.3f} ({r['wall_s']:.0f}s; {len(runs)}/{len(jobs)}, "
-                  f"{time.time() - t0:.0f}s elapsed)", flush=True)
+            print(f"{r['regime']} {r['config']:<17} seed {r['seed']}: in-dist {r['in_dist']:.3f} novel "
+                  f"{r['novel']:.3f} shifted {r['shifted']:.3f} retained {r['retained']:.3f} format "
+                  f"{r['format']:.3f} ({r['wall_s']:.0f}s; {len(runs)}/{len(jobs)}, {time.time() - t0:.0f}s elapsed)",
+                  flush=True)
     runs.sort(key=lambda r: (r["regime"], list(CONFIGS).index(r["config"]), r["seed"]))
+    diffs = paired(runs, starts, CLAIMS)
+    wall = time.time() - t0
     md = (f"{o.steps} optimizer steps, B {o.batch_size}, G {o.group_size}, lr {o.lr}, {o.shots} images per "
-          f"colour, seeds {o.seeds}; accuracy on 192 held-out prompts, mean ± std over seeds.\n\n"
-          + table(runs, configs, regimes) + "\n")
-    if starts:
-        md += "\nRegime b's start (SFT on " + WARM_COLOURS + f" for {o.warm_steps} steps): " + ", ".join(
-            f"seed {s} {a[0]:.3f} / {a[1]:.3f}" for s, a in starts.items()) + " (in-distribution / shifted)\n"
+          f"colour, seeds {o.seeds}; max new tokens {TOKENS_A} (a) / {o.tokens_b} (b); greedy accuracy on "
+          f"{o.eval_n} held-out prompts per set, mean ± std over seeds. Known colours: {', '.join(KNOWN)}; "
+          f"novel: {', '.join(NOVEL)}. Retained: the size task (chance 1/3), never trained on here. Format: greedy "
+          f"colour completions written <think>…</think><answer>…</answer>. Wall time {wall / 60:.1f} min.\n\n"
+          + table(runs, starts, configs, regimes) + "\n")
+    b = [s for s in starts if s["regime"] == "b"]
+    if b:
+        md += (f"\nRegime b's start ({o.warm_steps} SFT steps on full-format completions): rollouts in the format "
+               f"at temperature 1 on the new training prompts, per seed: "
+               + ", ".join(f"{s['rollout_format']:.2f}" for s in b) + f" (mean {fmt([s['rollout_format'] for s in b])}).\n")
+    md += ("\nPaired by seed (same start, data and order): A − B per seed, mean ± std of the difference, and "
+           "whether |mean| > 2 standard errors (std/√n).\n\n" + paired_table(diffs) + "\n")
     with open(os.path.join(o.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(o.out, "runs.json"), "w") as f:
-        json.dump({"runs": runs, "starts": starts, "args": vars(o)}, f)
+        json.dump({"runs": runs, "starts": starts, "paired": diffs, "wall_s": wall, "args": vars(o)}, f)
     plot(runs, configs, regimes, os.path.join(o.out, "curves.png"))
     print("\n" + md + f"\nwrote {o.out}/results.md, curves.png, runs.json in {time.time() - t0:.0f}s")
 
