@@ -1203,7 +1203,7 @@ def test_real_checkpoint_through_the_cli(real, family, tmp_path, capsys):
     for mode in ("visurf", "grpo", "sft"):
         result, out = run_main(capsys, *common, "--mode", mode, "--output-dir", str(tmp_path / mode))
         assert "step 2/2" in out.out and "after training:  mIoU" in out.out, out
-        assert "generation flags are not valid" not in out.err
+        assert "generation flags are not valid" not in out.err and "nan" not in out.out
     ck = str(tmp_path / "visurf" / "checkpoint")
     _, out = run_main(capsys, *common[:3], "4", *common[4:], "--output-dir", str(tmp_path / "visurf"), "--resume", ck)
     assert "step 4/4" in out.out and "(before: mIoU" in out.out, out
@@ -1475,17 +1475,22 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     m, p, conv = visurf.load_model(ck, args)
     _, ours = visurf.evaluate(m, p, samples, conv, args)
     assert plain == ours
+    # --eval of that checkpoint on the synthetic held-out set, no --data needed
+    result, printed = run_main(capsys, "--eval", "--model", ck, "--eval-limit", "8", "--max-new-tokens", n,
+                               "--output-dir", str(tmp_path / "ev"))
+    assert result["n"] == 8 and "accuracy" in printed.out
 
 
 def readme_commands():
-    """Every `python visurf.py ...` command in the README, continuation lines joined."""
+    """Every `python visurf.py ...` and `torchrun ... visurf.py ...` command in the README."""
     import shlex
     text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
     cmds = []
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip() if not line.strip().startswith("|") else ""
         if line.startswith("python visurf.py") or line.startswith("torchrun"):
-            cmds.append(shlex.split(line)[2:])
+            words = shlex.split(line)
+            cmds.append(words[words.index("visurf.py") + 1:])
     return cmds
 
 

@@ -17,12 +17,14 @@ One ViSurf step, in the order this file follows:
     python visurf.py --eval --model runs/x/checkpoint --data val.json --images val2017
 
 What is simplified, on purpose:
-- one process on one device: no vLLM, no DeepSpeed, no multi-GPU;
+- one device per process; several GPUs through torchrun are plain data parallelism (DDP)
+  over whole groups: no vLLM, no DeepSpeed, no sharded weights;
 - the ratio is per token, as in GRPO; with one update per batch (--ppo-epochs 1) it
   is exactly 1, so pi_old is the detached policy and no extra forward pass is made;
 - KL against a frozen copy (k3 estimator) only when --beta > 0; ViSurf uses none;
-- each image goes through the vision tower once per step, however many sequences
-  share it; the processor is image-only, so torchvision is never needed.
+- in training, each image goes through the vision tower once per step, however many
+  sequences share it; the processor is image-only, so torchvision is never needed.
+The flags come first in this file, so that --help and a bad flag answer before torch loads.
 """
 import argparse
 import contextlib

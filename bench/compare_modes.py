@@ -50,7 +50,7 @@ CONFIGS = {  # name -> visurf.py flags; "sft-grpo" runs two stages
 KNOWN = ("red", "green", "blue")          # the colours regime b's base was taught
 NOVEL = ("yellow", "purple", "white")     # never named to the base
 TOKENS_A = 8   # regime a: room for the label, not for reasoning (as the random model never reasons)
-BASE_SHOTS = 16  # regime b's base: images per known colour and per size (disjoint from the few-shot set)
+BASE_COLOUR_SHOTS, BASE_SIZE_SHOTS = 16, 48  # regime b's base: images per known colour, per size class
 
 # Fixed before any comparison run (see README): each row is (claim, regime, metric, A, B),
 # reported as the paired difference A - B over seeds; "start" is the run's starting model.
@@ -145,8 +145,8 @@ def retained_task(n, seed, split):
 def base_data(seed):
     """Regime b's SFT data: the colour task on the known colours only (its prompt still lists
     all six) and the retained task; images disjoint from the few-shot and held-out sets."""
-    colours = [s for s in colour_task(BASE_SHOTS * 6, 10_000 + seed, "train") if s["answer"] in KNOWN]
-    return colours + retained_task(BASE_SHOTS * 3, seed, "train")
+    colours = [s for s in colour_task(BASE_COLOUR_SHOTS * 6, 10_000 + seed, "train") if s["answer"] in KNOWN]
+    return colours + retained_task(BASE_SIZE_SHOTS * 3, seed, "train")
 
 
 def tokens_b():
@@ -265,7 +265,7 @@ def build_start(o, regime, seed):
     if regime == "a":
         return dict(regime=regime, seed=seed, **evaluate(o, "tiny", seed), rollout_format=0.0, wall_s=0.0)
     args = visurf.parse_args(["--mode", "sft", "--seed", str(seed), "--batch-size", str(o.batch_size),
-                              "--lr", str(o.lr), "--max-new-tokens", str(o.tokens_b)])
+                              "--lr", str(o.warm_lr), "--max-new-tokens", str(o.tokens_b)])
     torch.manual_seed(seed)
     model, processor, conv = visurf.load_model("tiny", args)
     tok, eos = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids(visurf.END_OF_TURN)
@@ -391,6 +391,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per configuration")
     p.add_argument("--warm-steps", type=int, default=400, help="regime b: the base's SFT steps")
+    p.add_argument("--warm-lr", type=float, default=1e-3, help="regime b: the base's SFT learning rate")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--regimes", default="a,b")
