@@ -278,6 +278,36 @@ def test_micro_batches_give_the_same_gradient(tiny64, agg):
     assert_same_gradient(grads[0], grads[1])
 
 
+def test_generation_runs_the_prompt_once_per_prompt(tiny):
+    """The vision tower and the prefill see B prompts, not B*G sequences; the tokens are
+    those plain generate() gives on the B*G repeated sequences: greedy, and sampled with
+    the same seed."""
+    model, processor, conv, _ = tiny
+    model.eval()
+    samples = data.synthetic("detection", 3, 0)
+    prompts = visurf.encode_prompts(processor, samples, conv, "cpu")
+    seen = []
+    hook = model.model.visual.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(len(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))),
+        with_kwargs=True)
+    for greedy in (True, False):
+        config = visurf.generation_config(processor.tokenizer, 10, greedy)
+        with torch.no_grad():
+            seen.clear()
+            torch.manual_seed(3)
+            ours = visurf.generate(model, processor, prompts, 4, 10, greedy=greedy)
+            assert seen == [3]  # one pass over the 3 images
+            torch.manual_seed(3)
+            idx = torch.arange(3).repeat_interleave(4)
+            plain = model.generate(**visurf.select_prompts(prompts, idx), generation_config=config)
+        assert seen[1:] == [12]  # plain generate: every image 4 times
+        ends = set(visurf.end_ids(processor.tokenizer))
+        plain = [r[:next((i + 1 for i, t in enumerate(r) if t in ends), len(r))]
+                 for r in plain[:, prompts["input_ids"].shape[1]:].tolist()]
+        assert ours == plain, greedy
+    hook.remove()
+
+
 # =============================================================================
 # End to end, through the command line
 

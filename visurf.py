@@ -397,13 +397,21 @@ def generation_config(tok, max_new_tokens, greedy=False, min_new_tokens=0):
 
 
 def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
-    """n completions per prompt in one generate call. -> B*n token lists, each up to and
-    including its first end token (all of it if it never ended)."""
+    """n completions per prompt. -> B*n token lists, each up to and including its first
+    end token (all of it if it never ended). The image and the prompt go through the
+    model once per prompt: their key/value cache is then repeated n times, and the n
+    samples continue from it, so G does not multiply the vision tower or the prefill."""
     tok = processor.tokenizer
-    config = generation_config(tok, max_new_tokens, greedy, min_new_tokens)
-    idx = torch.arange(prompts["input_ids"].shape[0], device=prompts["input_ids"].device).repeat_interleave(n)
-    out = model.generate(**select_prompts(prompts, idx), generation_config=config)
-    rows = out[:, prompts["input_ids"].shape[1]:].tolist()          # [B*n, T], padded after the end
+    text = {k: prompts[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}   # [B, P]
+    # all but the last prompt token: generate() must have one uncached token to start from
+    cache = model(**{k: v[:, :-1] for k, v in text.items()}, pixel_values=prompts["pixel_values"],
+                  image_grid_thw=prompts["image_grid_thw"], use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(n)
+    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(n, 0)  # M-RoPE's offsets, per row
+    idx = torch.arange(text["input_ids"].shape[0], device=text["input_ids"].device).repeat_interleave(n)
+    out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache,
+                         generation_config=generation_config(tok, max_new_tokens, greedy, min_new_tokens))
+    rows = out[:, text["input_ids"].shape[1]:].tolist()             # [B*n, T], padded after the end
     ends = set(end_ids(tok))
     return [r[:next((i + 1 for i, t in enumerate(r) if t in ends), len(r))] for r in rows]
 

@@ -12,7 +12,7 @@ The retained task (never trained on here): how big is the shape? Small, medium o
 Two regimes:
   a  beyond the model's knowledge: the tiny random model (it knows neither task);
   b  a base that reasons in the format: the tiny model after a short SFT on full-format
-     completions, <think>a small shape</think><answer>red</answer>, of the colour task on
+     completions, <think>a square, top left</think><answer>red</answer>, of the colour task on
      three of the six colours (red, green, blue) and of the retained task; then trained on
      all six colours with answer-only labels, as the papers' labels are.
 
@@ -49,7 +49,7 @@ CONFIGS = {  # name -> visurf.py flags; "sft-grpo" runs two stages
 }
 KNOWN = ("red", "green", "blue")          # the colours regime b's base was taught
 NOVEL = ("yellow", "purple", "white")     # never named to the base
-TOKENS_A = 8   # regime a: room for the label, not for reasoning (as the random model never reasons)
+TOKENS_A = 8   # regime a: room for the label, not for reasoning (the random model never reasons)
 BASE_COLOUR_SHOTS, BASE_SIZE_SHOTS = 16, 48  # regime b's base: images per known colour, per size class
 
 # Fixed before any comparison run (see README): each row is (claim, regime, metric, A, B),
@@ -174,7 +174,7 @@ def setup_torch():
 def common(o, seed, tokens):
     return ["--seed", str(seed), "--shots", str(o.shots), "--batch-size", str(o.batch_size),
             "--group-size", str(o.group_size), "--lr", str(o.lr), "--max-new-tokens", str(tokens),
-            "--eval-every", str(o.eval_every), "--eval-limit", str(o.eval_n), "--save-every", str(10 ** 6),
+            "--eval-every", str(o.eval_every), "--eval-limit", str(min(96, o.eval_n)), "--save-every", str(10 ** 6),
             "--overwrite"]
 
 
@@ -217,20 +217,20 @@ def run_one(o, regime, name, seed):
         metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
     wall = time.time() - t
     steps = [m for m in metrics if "loss" in m]
-    return dict(regime=regime, config=name, seed=seed, **evaluate(o, os.path.join(out, "checkpoint"), seed),
+    return dict(regime=regime, config=name, seed=seed, **evaluate(o, os.path.join(out, "checkpoint"), seed, eval_tokens(o, regime)),
                 wall_s=wall, steps=len(steps), stages=2 if name == "sft-grpo" else 1,
                 generated=sum(o.batch_size * o.group_size for m in steps if m.get("t_generate", 0) > 0),
                 curve=[{k: m[k] for k in CURVE_KEYS if k in m} for m in metrics])
 
 
-def evaluate(o, model_name, seed):
+def evaluate(o, model_name, seed, tokens):
     """Greedy accuracy on the held-out sets: the colour task (all, known colours, novel
     colours), its shifted variant, the retained task; and the share of colour completions
     written in the full think format."""
     setup_torch()
     import rewards
     import visurf
-    args = visurf.parse_args(["--model", model_name, "--seed", str(seed), "--max-new-tokens", str(o.tokens_eval)])
+    args = visurf.parse_args(["--model", model_name, "--seed", str(seed), "--max-new-tokens", str(tokens)])
     model, processor, conv = visurf.load_model(model_name, args)
     out = {}
     for key, held in (("in_dist", colour_task(o.eval_n, seed, "eval")),
@@ -245,6 +245,11 @@ def evaluate(o, model_name, seed):
                 out[part] = sum(sel) / len(sel)
             out["format"] = sum(rewards.think_reward(t) for t in texts) / len(texts)
     return out
+
+
+def eval_tokens(o, regime):
+    """Greedy evaluation's budget: the regime's completion budget, + 8 for the size task's answers."""
+    return (TOKENS_A if regime == "a" else o.tokens_b) + 8
 
 
 def start_checkpoint(o, seed):
@@ -263,7 +268,8 @@ def build_start(o, regime, seed):
     import visurf
     t = time.time()
     if regime == "a":
-        return dict(regime=regime, seed=seed, **evaluate(o, "tiny", seed), rollout_format=0.0, wall_s=0.0)
+        return dict(regime=regime, seed=seed, **evaluate(o, "tiny", seed, eval_tokens(o, regime)), rollout_format=0.0,
+                    steps=0, wall_s=0.0)
     args = visurf.parse_args(["--mode", "sft", "--seed", str(seed), "--batch-size", str(o.batch_size),
                               "--lr", str(o.warm_lr), "--max-new-tokens", str(o.tokens_b)])
     torch.manual_seed(seed)
@@ -289,8 +295,8 @@ def build_start(o, regime, seed):
             rollouts = visurf.generate(model, processor, prompts, o.group_size, o.tokens_b)
             written += [rewards.think_reward(tok.decode(r, skip_special_tokens=True)) for r in rollouts]
     wall = time.time() - t
-    return dict(regime=regime, seed=seed, **evaluate(o, start_checkpoint(o, seed), seed),
-                rollout_format=float(np.mean(written)), wall_s=wall)
+    return dict(regime=regime, seed=seed, **evaluate(o, start_checkpoint(o, seed), seed, eval_tokens(o, regime)),
+                rollout_format=float(np.mean(written)), steps=o.warm_steps, wall_s=wall)
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +320,7 @@ def table(runs, starts, configs, regimes):
         st = [s for s in starts if s["regime"] == regime]
         if st:
             rows.append(f"| {regime} | *start* | " + " | ".join(fmt([s[k] for s in st]) for k in cols) +
-                        f" | 0 | – | 0 | {statistics.mean(s['wall_s'] for s in st):.0f} |")
+                        f" | {st[0]['steps']} (SFT) | – | 0 | {statistics.mean(s['wall_s'] for s in st):.0f} |")
         for name in configs:
             rs = [r for r in runs if r["regime"] == regime and r["config"] == name]
             if rs:
@@ -389,15 +395,15 @@ def plot(runs, configs, regimes, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per configuration")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration")
     p.add_argument("--warm-steps", type=int, default=400, help="regime b: the base's SFT steps")
     p.add_argument("--warm-lr", type=float, default=1e-3, help="regime b: the base's SFT learning rate")
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--regimes", default="a,b")
     p.add_argument("--shots", type=int, default=4, help="training images per colour")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-n", type=int, default=192, help="prompts in each held-out set")
@@ -416,25 +422,31 @@ def main():
     t0 = time.time()
     with cf.ProcessPoolExecutor(o.workers) as pool:
         o.tokens_b = pool.submit(tokens_b).result()  # in a worker: the parent never loads torch
-        o.tokens_eval = o.tokens_b + 8  # greedy evaluation: room for the retained task's longer answers
-        starts = list(pool.map(build_start, [o] * (len(regimes) * len(seeds)),
-                               [r for r in regimes for _ in seeds], seeds * len(regimes)))
-        for s in starts:
-            print(f"start {s['regime']} seed {s['seed']}: in-dist {s['in_dist']:.3f} (known {s['known']:.3f}, "
-                  f"novel {s['novel']:.3f}) retained {s['retained']:.3f} format {s['format']:.3f} "
-                  f"rollout format {s['rollout_format']:.3f}", flush=True)
-        # the longest runs first, so that two workers finish together
-        order = sorted(((r, c, s) for r in regimes for c in configs for s in seeds),
-                       key=lambda j: (j[1] == "sft", j[1] == "sft-grpo", j[0] == "a"))
-        jobs = [pool.submit(run_one, o, *j) for j in order]
-        runs = []
-        for f in cf.as_completed(jobs):
-            r = f.result()
-            runs.append(r)
-            print(f"{r['regime']} {r['config']:<17} seed {r['seed']}: in-dist {r['in_dist']:.3f} novel "
-                  f"{r['novel']:.3f} shifted {r['shifted']:.3f} retained {r['retained']:.3f} format "
-                  f"{r['format']:.3f} ({r['wall_s']:.0f}s; {len(runs)}/{len(jobs)}, {time.time() - t0:.0f}s elapsed)",
-                  flush=True)
+        pending = {pool.submit(build_start, o, r, s): ("start", r, s) for r in sorted(regimes, reverse=True)
+                   for s in seeds}  # regime b's bases first: they take longest, and b's runs wait for them
+        longest_first = sorted(configs, key=lambda c: (c == "sft", c == "sft-grpo"))
+        if "a" in regimes:
+            pending.update({pool.submit(run_one, o, "a", c, s): ("run", "a", s) for c in longest_first for s in seeds})
+        starts, runs, n_jobs = [], [], len(pending) + (len(configs) * len(seeds) if "b" in regimes else 0)
+        while pending:
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                kind, regime, seed = pending.pop(f)
+                r = f.result()
+                if kind == "start":
+                    starts.append(r)
+                    print(f"start {regime} seed {seed}: in-dist {r['in_dist']:.3f} (known {r['known']:.3f}, novel "
+                          f"{r['novel']:.3f}) retained {r['retained']:.3f} format {r['format']:.3f} rollout format "
+                          f"{r['rollout_format']:.3f} ({time.time() - t0:.0f}s elapsed)", flush=True)
+                    if regime == "b":
+                        pending.update({pool.submit(run_one, o, "b", c, seed): ("run", "b", seed) for c in longest_first})
+                    continue
+                runs.append(r)
+                print(f"{r['regime']} {r['config']:<17} seed {r['seed']}: in-dist {r['in_dist']:.3f} novel "
+                      f"{r['novel']:.3f} shifted {r['shifted']:.3f} retained {r['retained']:.3f} format "
+                      f"{r['format']:.3f} ({r['wall_s']:.0f}s; {len(runs) + len(starts)}/{n_jobs}, "
+                      f"{time.time() - t0:.0f}s elapsed)", flush=True)
+    starts.sort(key=lambda s: (s["regime"], s["seed"]))
     runs.sort(key=lambda r: (r["regime"], list(CONFIGS).index(r["config"]), r["seed"]))
     diffs = paired(runs, starts, CLAIMS)
     wall = time.time() - t0
