@@ -272,10 +272,28 @@ def test_micro_batches_give_the_same_gradient(tiny64, agg):
         args = visurf.parse_args(["--group-size", "2", "--max-new-tokens", "5", "--micro-batch", mb, "--loss-agg", agg])
         torch.manual_seed(7)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        step = opt.step  # the update frees the gradients after the step: read them at the step
+        opt.step = lambda: (grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                                    if p.grad is not None])), step())
         m = visurf.train_step(model, processor, opt, samples, conv, args)
         assert m["gt_advantage"] != 0  # a real signal, not an all-zero gradient
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert all(p.grad is None for p in model.parameters())
     assert_same_gradient(grads[0], grads[1])
+
+
+def test_chunked_log_probs_under_a_small_memory_budget(tiny64):
+    """Over budget, the log-softmax runs a few rows at a time and is recomputed in backward:
+    the same values and gradients as all at once."""
+    model = tiny64[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 7, model.lm_head.in_features, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, model.lm_head.out_features, (5, 7))
+    out = []
+    for budget in (2**30, 2 * 7 * model.lm_head.out_features * 4):  # everything at once; two rows at a time
+        lp = visurf.chunked_logprobs(model.lm_head, hidden, targets, budget)
+        out.append((lp.detach(), torch.autograd.grad(lp.sum(), hidden)[0]))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-12, atol=1e-12)
 
 
 def test_generation_runs_the_prompt_once_per_prompt(tiny):

@@ -441,18 +441,20 @@ def token_logprobs(model, prompts, completions, per_prompt):
     return chunked_logprobs(model.lm_head, hidden, comp), mask
 
 
-def chunked_logprobs(lm_head, hidden, targets, rows=4):
-    """log_softmax(lm_head(hidden))[targets], a few rows at a time and recomputed in the
-    backward pass, so no [N, T, vocab] fp32 tensor is ever alive."""
+def chunked_logprobs(lm_head, hidden, targets, budget=2**30):
+    """log_softmax(lm_head(hidden))[targets]. The fp32 logits of all N*T positions are made
+    at once when they fit in `budget` bytes (the tiny model, short completions); otherwise a
+    few rows at a time, recomputed in the backward pass, so no [N, T, vocab] tensor lives."""
     def piece(h, t):
         logits = lm_head(h)                              # [n, T, V]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         return logits.gather(-1, t[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    out = []
-    for i in range(0, hidden.shape[0], rows):
-        h, t = hidden[i:i + rows], targets[i:i + rows]
-        out.append(checkpoint(piece, h, t, use_reentrant=False) if torch.is_grad_enabled() else piece(h, t))
-    return torch.cat(out)                                # [N, T]
+    N, T, _ = hidden.shape
+    rows = max(1, budget // (T * lm_head.out_features * 4))
+    if rows >= N or not torch.is_grad_enabled():
+        return torch.cat([piece(hidden[i:i + rows], targets[i:i + rows]) for i in range(0, N, rows)])
+    return torch.cat([checkpoint(piece, hidden[i:i + rows], targets[i:i + rows], use_reentrant=False)
+                      for i in range(0, N, rows)])                  # [N, T]
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +534,6 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
     model.train()
     for epoch in range(args.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
         t = time.time()
         for b0 in range(0, B, mb):
             b1 = min(B, b0 + mb)
@@ -559,6 +560,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
         t = time.time()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # freed now, not kept through the next generation
         t_opt += time.time() - t
     return dict(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb, t_optimizer=t_opt,
                 sequences=len(completions))
@@ -959,7 +961,7 @@ def main(argv=None):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=True)  # one kernel, not a loop
     if world > 1:  # each process samples its own rollouts; the weights start (and stay) equal
         torch.manual_seed(args.seed + rank)
     ddp = distributed_logprobs(model, device) if world > 1 else None
