@@ -389,7 +389,7 @@ def _read_hf(path):
     return [(f"{path}: row {i}", r) for i, r in enumerate(rows)]
 
 
-_LOOKS_LIKE_BOXES = re.compile(r"""position|[\[(]\s*["']?[-+]?\d""", re.I)
+_LOOKS_LIKE_BOXES = re.compile(r"""position|[\[(]\s*["']?[-+]?\d+(?:\.\d*)?["']?\s*,|^\s*[\[{]""", re.I)
 
 
 def _parse_solution(solution, size):
@@ -402,6 +402,10 @@ def _parse_solution(solution, size):
     w, h = size
     to_px = lambda b: [b[0] * w / 1000, b[1] * h / 1000, b[2] * w / 1000, b[3] * h / 1000]
     boxes, _, no_objects = rewards.parse_detections(text)
+    items = len(re.findall(r"\{[^{}]*\}", text))
+    if boxes and len(boxes) < items:  # the label must keep every box it lists
+        raise DataError(f"solution {text[:80]!r}: {items - len(boxes)} of its {items} items cannot be read "
+                        f"(or repeat a box)")
     if boxes or no_objects:
         return "detection", [_check_box(to_px(b), size) for b in boxes]
     box = rewards.parse_box(text)
@@ -490,9 +494,15 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
         raise DataError(f"{path}: not a COCO/LVIS instances file (needs images, annotations, categories)")
     for kind, keys in (("images", ("id",)), ("annotations", ("id", "image_id", "category_id", "bbox")),
                        ("categories", ("id", "name"))):
+        if not isinstance(data[kind], list):
+            raise DataError(f"{path}: {kind} must be a list")
         for i, x in enumerate(data[kind]):
             if not isinstance(x, dict) or any(k not in x for k in keys):
                 raise DataError(f"{path}: {kind}[{i}]: needs the fields {', '.join(keys)}")
+            for k in keys:  # ids are integers, names are text: anything else breaks the index silently
+                want = str if k == "name" else list if k == "bbox" else int
+                if not isinstance(x[k], want) or isinstance(x[k], bool) or (want is str and not x[k].strip()):
+                    raise DataError(f"{path}: {kind}[{i}]: {k} must be {'a name' if want is str else 'a list' if want is list else 'an integer'} (got {x[k]!r:.40})")
     for kind in ("images", "categories"):
         ids = collections.Counter(x["id"] for x in data[kind])
         dup = [i for i, n in ids.items() if n > 1]
@@ -596,7 +606,20 @@ def load(path, images=None, categories=None, shots=None, negatives=0.0, seed=0, 
     tasks = {s["task"] for s in out}
     if len(tasks) > 1:
         raise DataError(f"{path}: records mix tasks {sorted(tasks)}; use one task per file")
-    if tasks == {"detection"}:  # ids for COCOeval: one image per record, one category per query
+    if negatives:
+        raise DataError(f"{path}: --negatives makes 'No Objects' prompts from a COCO/LVIS file; records bring their own")
+    if tasks == {"grounding"} and (shots or categories):
+        raise DataError(f"{path}: --shots and --categories select by category or class; grounding records have neither")
+    if tasks == {"detection"}:
+        if categories:  # the selected categories only
+            names = [c.strip() for c in categories.split(",")]
+            for n in names:
+                if n not in {s["query"] for s in out}:
+                    raise DataError(f"{path}: no record asks about the category {n!r} (--categories)")
+            out = [s for s in out if s["query"] in names]
+        if shots:  # K records per category, as for COCO
+            out = _few_shot(out, lambda s: s["query"], shots, seed)
+        # ids for COCOeval: one image per record, one category per query
         queries = sorted({s["query"] for s in out})
         for i, s in enumerate(out):
             s.update(image_id=i, category_id=1 + queries.index(s["query"]))

@@ -382,6 +382,8 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     assert "interrupted: saved step" in rest and "Traceback" not in err
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert 3 <= state["step"] < 500
+    # Ctrl-C waits for the end of the step: the optimizer has made exactly `step` updates
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {state["step"]}
     logged = [json.loads(l)["step"] for l in open(out / "metrics.jsonl") if "loss" in l]
     assert logged[-1] >= state["step"]
     rc, stdout, err = cli("--steps", str(state["step"] + 2), "--batch-size", "1", "--group-size", "2", "--shots", "1",
@@ -886,11 +888,33 @@ def test_align_ablation_changes_style_only(tmp_path, tiny):
 
 def test_solutions_that_look_like_boxes_are_never_class_labels(tmp_path):
     Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
-    for solution in ["<answer>[{'Position': [1, 2, 3]}]</answer>", "<answer> (100,200),(500 </answer>",
-                     "<answer>[12, 40, 7]</answer>"]:
+    for solution, problem in [("<answer>[{'Position': [1, 2, 3]}]</answer>", "looks like boxes"),
+                              ("<answer> (100,200),(500 </answer>", "looks like boxes"),
+                              ("<answer>[12, 40, 7]</answer>", "looks like boxes"), ("<answer>[]</answer>", "looks like boxes"),
+                              ("<answer>[{'Position': [1, 2, 3, 4], 'Confidence': 1}, {'Position': [5, 6]}]</answer>",
+                               "1 of its 2 items cannot be read")]:
         (tmp_path / "r.json").write_text(json.dumps([{"image": "a.png", "problem": "Where?", "solution": solution}]))
-        with pytest.raises(data.DataError, match=r"r.json: record 0: solution .* looks like boxes"):
+        with pytest.raises(data.DataError, match=r"r.json: record 0: solution .*" + re.escape(problem)):
             data.load(str(tmp_path / "r.json"))
+    # a class name with a number in brackets is still a class name
+    (tmp_path / "r.json").write_text(json.dumps([{"image": "a.png", "problem": "Which?", "solution": "<answer>Boeing 747 (400)</answer>"}]))
+    assert data.load(str(tmp_path / "r.json"))[0][0]["answer"] == "Boeing 747 (400)"
+
+
+def test_shots_and_categories_select_visual_rft_records(tmp_path):
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
+    box = "<answer>[{'Position': [100, 200, 500, 800], 'Confidence': 1}]</answer>"
+    recs = [{"image": "a.png", "problem": VRFT_DETECT.format(c=c), "solution": box} for c in ["dog"] * 3 + ["cat"] * 2 + ["bus"]]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    s, _ = data.load(str(tmp_path / "d.json"), categories="dog,cat", shots=2)
+    assert sorted(x["query"] for x in s) == ["cat", "cat", "dog", "dog"]
+    with pytest.raises(data.DataError, match="no record asks about the category 'cow'"):
+        data.load(str(tmp_path / "d.json"), categories="dog,cow")
+    with pytest.raises(data.DataError, match="--negatives"):
+        data.load(str(tmp_path / "d.json"), negatives=1.0)
+    (tmp_path / "g.jsonl").write_text(json.dumps({"image": "a.png", "expression": "x", "bbox": [1, 1, 9, 9]}))
+    with pytest.raises(data.DataError, match="grounding records have neither"):
+        data.load(str(tmp_path / "g.jsonl"), shots=1)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -1279,6 +1303,8 @@ def test_real_checkpoint_through_the_cli(real, family, tmp_path, capsys):
     (["--max-pixels", "0"], "--max-pixels"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
     (["--think-weight", "-0.5"], "--think-weight"), (["--beta", "nan"], "--beta"), (["--negatives", "-1"], "--negatives"),
     (["--min-new-tokens", "9", "--max-new-tokens", "8"], "--min-new-tokens"), (["--loss-agg", "sequence"], "--loss-agg"),
+    (["--seed", str(2**32)], "--seed"), (["--clip-eps", "5"], "--clip-eps"), (["--think-weight", "1e308"], "--think-weight"),
+    (["--resume", "x", "--overwrite"], "--overwrite"),
 ])
 def test_bad_flags_are_refused_in_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1328,12 +1354,14 @@ def test_bad_images_and_records_are_refused_when_loaded(tmp_path):
     # a byte-order mark is not an error
     (tmp_path / "bom.json").write_text("\ufeff" + json.dumps([json.loads(rec())]), encoding="utf-8")
     assert data.load(str(tmp_path / "bom.json"))[0][0]["answer"] == "dog"
-    # duplicate category ids in a COCO file would duplicate prompts
-    def dup(d):
-        d["categories"].append({"id": 1, "name": "wolf"})
-    path = write_coco(str(tmp_path / "dup"), bad=dup)
-    with pytest.raises(data.DataError, match="categories: id 1 appears 2 times"):
-        data.load(path, str(tmp_path / "dup" / "images"))
+    # duplicate category ids in a COCO file would duplicate prompts; ids and names of the wrong type
+    for name, bad, problem in [("dup", lambda d: d["categories"].append({"id": 1, "name": "wolf"}), "categories: id 1 appears 2 times"),
+                               ("intname", lambda d: d["categories"][0].update(name=5), r"categories\[0\]: name must be a name"),
+                               ("strid", lambda d: d["categories"][1].update(id="2"), r"categories\[1\]: id must be an integer"),
+                               ("listid", lambda d: d["annotations"][0].update(image_id=[1]), r"annotations\[0\]: image_id must be")]:
+        path = write_coco(str(tmp_path / name), bad=bad)
+        with pytest.raises(data.DataError, match=problem):
+            data.load(path, str(tmp_path / name / "images"))
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
@@ -1465,9 +1493,28 @@ def test_resume_refuses_a_different_run_and_allows_safe_changes(tmp_path, capsys
             run_main(capsys, *tiny_argv(out, "--steps", "3", flag, value, "--resume", str(out / "checkpoint")))
         err = capsys.readouterr().err
         assert f"this run had {flag} {old}" in err and len(err.strip().splitlines()) == 1, err
+    # the device is the machine's, not the run's: a checkpoint saved with --device cuda:1 resumes here
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state["args"]["device"] = "cuda:1"
+    torch.save(state, out / "checkpoint" / "trainer_state.pt")
     _, printed = run_main(capsys, *tiny_argv(out, "--steps", "3", "--eval-every", "1", "--save-every", "5",
                                              "--resume", str(out / "checkpoint")))
     assert "step 3/3" in printed.out
+    # resuming one run into another run's folder would mix them
+    other = tmp_path / "other"
+    run_main(capsys, *tiny_argv(other, "--steps", "1", "--seed", "1"))
+    before = sorted(os.listdir(other)), (other / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit):
+        run_main(capsys, *tiny_argv(other, "--steps", "4", "--resume", str(out / "checkpoint")))
+    assert "holds another run" in capsys.readouterr().err
+    assert (sorted(os.listdir(other)), (other / "metrics.jsonl").read_text()) == before
+    # a run killed before its first save: the refusal does not point to a checkpoint that is not there
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 0, "eval": {}}\n')
+    with pytest.raises(SystemExit):
+        run_main(capsys, *tiny_argv(tmp_path / "early"))
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" not in err
 
 
 def test_output_dir_problems_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
@@ -1490,6 +1537,23 @@ def test_output_dir_problems_are_one_line_before_loading(tmp_path, capsys, monke
     assert e.value.code == 1 and "No space left on device" in err and "intact" in err
     monkeypatch.undo()
     assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """On a small tmpfs: a tiny checkpoint (about 3.6 MB with its optimizer state) fits once, not twice."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5500k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        rc, out, err = cli(*tiny_argv(disk / "run", "--steps", "4", "--save-every", "1", "--eval-limit", "1"))
+        assert rc == 1 and "Traceback" not in err, err
+        assert err.strip().startswith("error: cannot") and len(err.strip().splitlines()) == 1, err
+        assert "intact" in err
+        state = torch.load(disk / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
+        assert state["step"] >= 1
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_task_defaults_leave_room_for_the_labels(tmp_path, capsys):

@@ -29,6 +29,7 @@ The flags come first in this file, so that --help and a bad flag answer before t
 import argparse
 import contextlib
 import copy
+import datetime
 import io
 import json
 import math
@@ -36,6 +37,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 
@@ -55,6 +57,11 @@ REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Vi
 def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def one_line(e):
+    """An exception as one line: its message's first line, or its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # -----------------------------------------------------------------------------
@@ -151,6 +158,14 @@ def parse_args(argv=None):
     for k in ("beta", "negatives", "weight_decay", "think_weight"):
         if not (0 <= getattr(args, k) < math.inf):
             die(f"--{k.replace('_', '-')} must be a non-negative number (got {getattr(args, k)})")
+    if args.seed >= 2**31:
+        die(f"--seed must be below 2^31 (got {args.seed})")
+    if args.clip_eps >= 1:
+        die(f"--clip-eps must be below 1 (got {args.clip_eps})")
+    if args.think_weight > 100:  # larger weights overflow the advantages' arithmetic long before they mean anything
+        die(f"--think-weight must be at most 100 (got {args.think_weight})")
+    if args.resume and args.overwrite:
+        die("--resume continues a run and --overwrite starts one afresh: pass one of them")
     if args.max_pixels < args.min_pixels:
         die(f"--max-pixels ({args.max_pixels}) is below --min-pixels ({args.min_pixels})")
     if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
@@ -332,7 +347,7 @@ def load_model(name, args):
             path = cached_file(name, "chat_template.json", _raise_exceptions_for_missing_entries=False)
             templates = [json.load(open(path))["chat_template"] if path else None, tok.chat_template]
         except Exception as e:  # a missing, partial or corrupt checkpoint: one line, no traceback
-            die(f"cannot load model {name!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            die(f"cannot load model {name!r}: {one_line(e)}")
     family = model.config.model_type
     if family not in data.COORDS:
         die(f"{name}: model type {family!r} is not Qwen2-VL or Qwen2.5-VL")
@@ -679,7 +694,7 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
-    if s["cuda"] is not None and torch.cuda.is_available():
+    if s["cuda"] is not None and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
@@ -736,9 +751,9 @@ def load_trainer_state(path, args):
         state = torch.load(file, weights_only=False)
         assert isinstance(state, dict) and {"step", "optimizer", "rng", "args"} <= set(state)
     except Exception as e:
-        die(f"{file}: unreadable or incomplete ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+        die(f"{file}: unreadable or incomplete ({one_line(e)})")
     for k, v in state["args"].items():
-        if k in vars(args) and getattr(args, k) is None:
+        if k in vars(args) and getattr(args, k) is None and k not in SAFE_TO_CHANGE:
             setattr(args, k, v)  # a default derived at run time (the tiny model's --max-new-tokens)
         elif k not in SAFE_TO_CHANGE and k in vars(args) and getattr(args, k) != v:
             flag = "--" + k.replace("_", "-")
@@ -802,7 +817,8 @@ def init_distributed(args):
     if cuda:  # one GPU per process
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # the lead process evaluates alone while the others wait in a collective: allow it hours
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -836,10 +852,15 @@ def all_mean(stats):
     prompts, so means of means are global means; counts add up."""
     if not dist.is_initialized():
         return stats
+    if "reward_std" in stats:  # a spread over all processes: average the second moments
+        stats = dict(stats, reward_std=stats["reward_std"] ** 2 + stats["reward"] ** 2)
     keys = [k for k, v in stats.items() if isinstance(v, (int, float))]
     n = dist.get_world_size()
     summed = all_sum([float(stats[k]) for k in keys])
-    return dict(stats, **{k: v if k in ("sequences", "gen_tokens") else v / n for k, v in zip(keys, summed)})
+    out = dict(stats, **{k: v if k in ("sequences", "gen_tokens") else v / n for k, v in zip(keys, summed)})
+    if "reward_std" in out:
+        out["reward_std"] = math.sqrt(max(0.0, out["reward_std"] - out["reward"] ** 2))
+    return out
 
 
 def gather_rng(rng):
@@ -896,13 +917,23 @@ def prepare_output_dir(args):
         os.remove(os.path.join(out, ".visurf-write-test"))
     except OSError as e:
         die(f"--output-dir {out}: cannot write there ({e.strerror or e})")
-    heal_checkpoint(os.path.join(out, "checkpoint"))
+    checkpoint = os.path.join(out, "checkpoint")
+    heal_checkpoint(checkpoint)
     if args.resume:
         heal_checkpoint(args.resume.rstrip("/"))
-    held_run = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
-    if held_run and not (args.eval or args.resume or args.overwrite):
-        die(f"{out} already holds a run ({', '.join(held_run)}); continue it with --resume "
-            f"{os.path.join(out, 'checkpoint')}, choose another --output-dir, or pass --overwrite")
+    if args.eval:  # an evaluation writes eval.json and predictions: never over an earlier one
+        held = [f for f in ("eval.json", "predictions.jsonl") if os.path.exists(os.path.join(out, f))]
+        if held and not args.overwrite:
+            die(f"{out} already holds an evaluation ({', '.join(held)}); choose another --output-dir or pass --overwrite")
+        return
+    held = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
+    own = args.resume and os.path.realpath(args.resume.rstrip("/")) == os.path.realpath(checkpoint)
+    if held and args.resume and not own:  # continuing run A into run B's folder would mix them
+        die(f"{out} holds another run ({', '.join(held)}); resume {args.resume} into its own folder "
+            f"({os.path.dirname(args.resume.rstrip('/')) or '.'}) or into an empty --output-dir")
+    if held and not (args.resume or args.overwrite):
+        hint = f"continue it with --resume {checkpoint}, " if os.path.isdir(checkpoint) else ""
+        die(f"{out} already holds a run ({', '.join(held)}); {hint}choose another --output-dir, or pass --overwrite")
 
 
 def main(argv=None):
@@ -938,6 +969,8 @@ def main(argv=None):
     if args.max_new_tokens is None:  # tiny: room for the longest label; it has nothing to reason with
         args.max_new_tokens = 4 + max(len(processor.tokenizer(data.gt_completion(s, conv))["input_ids"])
                                       for s in train + held)
+    if args.min_new_tokens > args.max_new_tokens:
+        die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
     model.generation_config.max_new_tokens = args.max_new_tokens
     model.to(device)
 
@@ -1003,9 +1036,25 @@ def main(argv=None):
         print(f"before training: {headline(before)}")
     step, t_start = start, time.time()
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
-    save = lambda: save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
+
+    def save():
+        try:
+            return save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
+        except Exception as e:  # a full disk or quota: the last complete checkpoint is still in place
+            die(f"cannot save a checkpoint in {args.output_dir} ({one_line(e)}); the last complete one is intact",
+                code=1)
+
+    def on_ctrl_c(*_):  # stop at the end of the step, so a checkpoint never holds half of one
+        if stop:
+            die("interrupted twice: stopped without saving; resume from the last checkpoint", code=130)
+        stop.append(True)
+        print("\nstopping after this step (Ctrl-C again to quit at once)", flush=True)
+
+    stop, previous = [], signal.getsignal(signal.SIGINT)
+    if world == 1:
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        while step < args.steps:
+        while step < args.steps and not stop:
             lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))  # linear warm-up, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1026,14 +1075,15 @@ def main(argv=None):
             if step % args.save_every == 0 and step < args.steps:
                 save()
         path = save()
-    except KeyboardInterrupt:
-        if world > 1:  # the processes may be at different points: no collective save
-            die("interrupted: resume from the last periodic checkpoint (--save-every)", code=130)
-        path = save()
-        print(f"\ninterrupted: saved step {step} to {path}; continue with --resume {path}")
-        sys.exit(130)
-    except OSError as e:  # a full disk: the last complete checkpoint is still in place
+    except KeyboardInterrupt:  # under torchrun: the processes may be at different points, no collective save
+        die("interrupted: resume from the last periodic checkpoint (--save-every)", code=130)
+    except OSError as e:  # metrics.jsonl on a full disk
         die(f"cannot write to {args.output_dir} ({e.strerror or e}); the last saved checkpoint is intact", code=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop:
+        print(f"interrupted: saved step {step} to {path}; continue with --resume {path}")
+        sys.exit(130)
     after = run_eval(step) if held and lead else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
