@@ -1702,17 +1702,66 @@ def test_a_run_under_torchrun_logs_saves_and_resumes_exactly(tmp_path):
 
 # =============================================================================
 # The comparison runner (bench/compare_modes.py)
+# (replaces test_compare_modes_runner_writes_table_and_plot; uses test_visurf.py's imports and HERE)
+
+def test_compare_modes_tasks():
+    """Regime b's base is taught completions that earn the full format and answer reward,
+    its reasoning names neither task's answer, and the two tasks' held-out sets are balanced."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import compare_modes as cm
+    conv = data.Convention("qwen2_vl", data.MIN_PIXELS, data.MAX_PIXELS)
+    colours, sizes = cm.colour_task(12, 0, "train"), cm.retained_task(12, 0, "train")
+    for s in colours + sizes:
+        text = cm.full_completion(s, conv)
+        assert rewards.score("classification", text, s["answer"]) == {"think": 1.0, "accuracy": 1.0}, text
+        reasoning = text[len("<think>"):text.index("</think>")]
+        assert not any(w in reasoning for w in list(data.COLOURS) + list(cm.SIZES)), reasoning
+    x1, y1, x2, y2 = colours[0]["box"]  # recovered from the image: a square of the drawn size
+    assert x2 - x1 == y2 - y1 and 20 <= x2 - x1 <= 40
+    assert sorted(s["answer"] for s in sizes) == sorted(list(cm.SIZES) * 4)
+    assert {s["answer"] for s in cm.base_data(0)} == set(cm.KNOWN) | set(cm.SIZES)  # never a novel colour
+    held = cm.retained_task(6, 0, "eval")
+    assert [s["answer"] for s in held] == list(cm.SIZES) * 2 and held[0]["image"] != sizes[0]["image"]
+
 
 def test_compare_modes_runner_writes_table_and_plot(tmp_path):
     out = tmp_path / "cmp"
+    B, G = 2, 2
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench", "compare_modes.py"), "--steps", "2",
-                        "--seeds", "0", "--configs", "visurf,sft", "--regimes", "a", "--eval-every", "1",
+                        "--seeds", "0", "--configs", "visurf,sft", "--regimes", "b", "--warm-steps", "2",
+                        "--eval-every", "1", "--eval-n", "6", "--batch-size", str(B), "--group-size", str(G),
                         "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     md = (out / "results.md").read_text()
-    assert "| a | visurf |" in md and "| a | sft |" in md
+    for row in ("| b | *start* |", "| b | visurf |", "| b | sft |", "| 4 ViSurf vs SFT | b | in_dist | visurf − sft |",
+                "| 2 SFT forgets | b | retained | sft − start |"):
+        assert row in md, row
+    assert "| a |" not in md and "grpo" not in md.split("Paired by seed")[1]  # only what ran is reported
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = json.load(open(out / "runs.json"))["runs"]
-    assert {r["config"] for r in runs} == {"visurf", "sft"}
-    assert all(r["steps"] == 2 for r in runs)
-    assert [r["generated"] for r in runs if r["config"] == "sft"] == [0]
+    result = json.load(open(out / "runs.json"))
+    runs, (start,) = {r["config"]: r for r in result["runs"]}, result["starts"]
+    assert set(runs) == {"visurf", "sft"}
+    assert [runs[c]["steps"] for c in ("visurf", "sft")] == [2, 2]
+    assert [runs[c]["generated"] for c in ("visurf", "sft")] == [2 * B * G, 0]
+    assert (out / "runs" / "b" / "start" / "seed0" / "checkpoint" / "trainer_state.pt").is_file()
+    assert start["steps"] == 2 and 0 <= start["rollout_format"] <= 1
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in [start, *runs.values()])
+    assert set(result["code"]) == {"visurf.py", "data.py", "rewards.py", os.path.join("bench", "compare_modes.py")}
+    for r in [start, *runs.values()]:
+        for k in ("in_dist", "known", "novel", "shifted", "retained", "format"):
+            assert 0 <= r[k] <= 1, (k, r)
+        assert r["in_dist"] == pytest.approx((r["known"] + r["novel"]) / 2)  # balanced colours
+    # curves: ViSurf logs the split reward, rule 3's rate and A_y at every step; SFT has no rollouts
+    visurf_steps = [m for m in runs["visurf"]["curve"] if "reward" in m]
+    assert [m["step"] for m in visurf_steps] == [1, 2]
+    for m in visurf_steps:
+        assert {"reward_think", "reward_answer", "gt_smoothed", "gt_advantage"} <= set(m)
+        assert m["reward"] == pytest.approx(m["reward_think"] / 3 + m["reward_answer"], abs=1e-6)  # think weight 1/3
+    assert [m["step"] for m in runs["visurf"]["curve"] if "eval" in m] == [0, 1, 2]
+    assert not any("gt_advantage" in m for m in runs["sft"]["curve"])
+    # paired differences: A - B of the very numbers in the runs, one seed
+    rows = {(d["claim"], d["metric"], d["a"], d["b"]): d for d in result["paired"]}
+    d = rows[("2 SFT forgets", "retained", "sft", "start")]
+    assert d["diffs"] == [pytest.approx(runs["sft"]["retained"] - start["retained"])] and d["beyond_2se"] is None
+    d = rows[("4 ViSurf vs SFT", "in_dist", "visurf", "sft")]
+    assert d["diffs"] == [pytest.approx(runs["visurf"]["in_dist"] - runs["sft"]["in_dist"])]

@@ -16,8 +16,8 @@ Two regimes:
      three of the six colours (red, green, blue) and of the retained task; then trained on
      all six colours with answer-only labels, as the papers' labels are.
 
-    python bench/compare_modes.py                    # everything: 5 seeds, about 55 min on 2 cores
-    python bench/compare_modes.py --seeds 0,1,2 --steps 150
+    python bench/compare_modes.py     # everything, 3 seeds: 53 min on 2 shared cores (57 CPU-min)
+    python bench/compare_modes.py --seeds 0,1,2,3,4 --steps 300
     python bench/compare_modes.py --steps 2 --seeds 0 --configs visurf,sft --warm-steps 2 --eval-n 12
 
 Writes OUT/results.md (the results table, the regime-b start, and the paired differences
@@ -29,6 +29,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -178,13 +179,21 @@ def common(o, seed, tokens):
             "--overwrite"]
 
 
+def cpu_seconds(who=resource.RUSAGE_CHILDREN):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def train(argv):
-    """One visurf.py run in a single-threaded process (two run side by side)."""
+    """One visurf.py run in a single-threaded process (two run side by side). -> its CPU
+    seconds, which unlike wall time do not depend on what else shares the machine."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    before = cpu_seconds()
     p = subprocess.run([sys.executable, os.path.join(ROOT, "visurf.py"), *argv], capture_output=True,
                        text=True, env=env)
     if p.returncode:
         raise RuntimeError(f"visurf.py {' '.join(argv)} failed:\n{p.stderr[-2000:]}")
+    return cpu_seconds() - before
 
 
 def read_metrics(path, offset=0):
@@ -206,19 +215,19 @@ def run_one(o, regime, name, seed):
     t = time.time()
     if name == "sft-grpo":  # the same total steps, split between the two stages
         half = o.steps // 2
-        train(start + common(o, seed, tokens) + ["--mode", "sft", "--steps", str(half), "--output-dir", out + "-sft"])
-        train(["--model", os.path.join(out + "-sft", "checkpoint")] + common(o, seed, tokens) +
+        cpu = train(start + common(o, seed, tokens) + ["--mode", "sft", "--steps", str(half), "--output-dir", out + "-sft"])
+        cpu += train(["--model", os.path.join(out + "-sft", "checkpoint")] + common(o, seed, tokens) +
               ["--mode", "grpo", "--steps", str(o.steps - half), "--output-dir", out])
         metrics = read_metrics(os.path.join(out + "-sft", "metrics.jsonl"))
         metrics = [m for m in metrics if not ("eval" in m and m["step"] == half)]  # counted once, below
         metrics += read_metrics(os.path.join(out, "metrics.jsonl"), offset=half)
     else:
-        train(start + common(o, seed, tokens) + CONFIGS[name] + ["--steps", str(o.steps), "--output-dir", out])
+        cpu = train(start + common(o, seed, tokens) + CONFIGS[name] + ["--steps", str(o.steps), "--output-dir", out])
         metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
     wall = time.time() - t
     steps = [m for m in metrics if "loss" in m]
     return dict(regime=regime, config=name, seed=seed, **evaluate(o, os.path.join(out, "checkpoint"), seed, eval_tokens(o, regime)),
-                wall_s=wall, steps=len(steps), stages=2 if name == "sft-grpo" else 1,
+                wall_s=wall, cpu_s=cpu, steps=len(steps), stages=2 if name == "sft-grpo" else 1,
                 generated=sum(o.batch_size * o.group_size for m in steps if m.get("t_generate", 0) > 0),
                 curve=[{k: m[k] for k in CURVE_KEYS if k in m} for m in metrics])
 
@@ -266,10 +275,10 @@ def build_start(o, regime, seed):
     import data
     import rewards
     import visurf
-    t = time.time()
+    t, cpu = time.time(), cpu_seconds(resource.RUSAGE_SELF)
     if regime == "a":
         return dict(regime=regime, seed=seed, **evaluate(o, "tiny", seed, eval_tokens(o, regime)), rollout_format=0.0,
-                    steps=0, wall_s=0.0)
+                    steps=0, wall_s=0.0, cpu_s=0.0)
     args = visurf.parse_args(["--mode", "sft", "--seed", str(seed), "--batch-size", str(o.batch_size),
                               "--lr", str(o.warm_lr), "--max-new-tokens", str(o.tokens_b)])
     torch.manual_seed(seed)
@@ -294,9 +303,9 @@ def build_start(o, regime, seed):
             prompts = visurf.encode_prompts(processor, train_prompts[i:i + 8], conv, model.device)
             rollouts = visurf.generate(model, processor, prompts, o.group_size, o.tokens_b)
             written += [rewards.think_reward(tok.decode(r, skip_special_tokens=True)) for r in rollouts]
-    wall = time.time() - t
+    wall, cpu = time.time() - t, cpu_seconds(resource.RUSAGE_SELF) - cpu
     return dict(regime=regime, seed=seed, **evaluate(o, start_checkpoint(o, seed), seed, eval_tokens(o, regime)),
-                rollout_format=float(np.mean(written)), steps=o.warm_steps, wall_s=wall)
+                rollout_format=float(np.mean(written)), steps=o.warm_steps, wall_s=wall, cpu_s=cpu)
 
 
 # -----------------------------------------------------------------------------
@@ -313,20 +322,21 @@ def fmt(xs, digits=3):
 
 def table(runs, starts, configs, regimes):
     rows = ["| regime | config | in-distribution | known colours | novel colours | shifted | retained | "
-            "format | steps | stages | generated samples | wall s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "format | steps | stages | generated samples | CPU s | wall s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cols = ("in_dist", "known", "novel", "shifted", "retained", "format")
     for regime in regimes:
         st = [s for s in starts if s["regime"] == regime]
         if st:
             rows.append(f"| {regime} | *start* | " + " | ".join(fmt([s[k] for s in st]) for k in cols) +
-                        f" | {st[0]['steps']} (SFT) | – | 0 | {statistics.mean(s['wall_s'] for s in st):.0f} |")
+                        f" | {st[0]['steps'] and str(st[0]['steps']) + ' (SFT)'} | – | 0 | "
+                        f"{statistics.mean(s['cpu_s'] for s in st):.0f} | {statistics.mean(s['wall_s'] for s in st):.0f} |")
         for name in configs:
             rs = [r for r in runs if r["regime"] == regime and r["config"] == name]
             if rs:
                 rows.append(f"| {regime} | {name} | " + " | ".join(fmt([r[k] for r in rs]) for k in cols) +
                             f" | {rs[0]['steps']} | {rs[0]['stages']} | {rs[0]['generated']} | "
-                            f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+                            f"{statistics.mean(r['cpu_s'] for r in rs):.0f} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
     return "\n".join(rows)
 
 
@@ -393,6 +403,13 @@ def plot(runs, configs, regimes, path):
     fig.savefig(path, dpi=80)
 
 
+def code_version():
+    """sha256 (first 12 hex digits) of the files every number depends on."""
+    import hashlib
+    return {f: hashlib.sha256(open(os.path.join(ROOT, f), "rb").read()).hexdigest()[:12]
+            for f in ("visurf.py", "data.py", "rewards.py", os.path.join("bench", "compare_modes.py"))}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per configuration")
@@ -419,7 +436,7 @@ def main():
         if r not in ("a", "b"):
             sys.exit(f"error: unknown regime {r!r} (choose from a, b)")
     os.makedirs(o.out, exist_ok=True)
-    t0 = time.time()
+    t0, version = time.time(), code_version()  # read once, at the start: visurf.py runs are separate processes
     with cf.ProcessPoolExecutor(o.workers) as pool:
         o.tokens_b = pool.submit(tokens_b).result()  # in a worker: the parent never loads torch
         pending = {pool.submit(build_start, o, r, s): ("start", r, s) for r in sorted(regimes, reverse=True)
@@ -454,7 +471,10 @@ def main():
           f"colour, seeds {o.seeds}; max new tokens {TOKENS_A} (a) / {o.tokens_b} (b); greedy accuracy on "
           f"{o.eval_n} held-out prompts per set, mean ± std over seeds. Known colours: {', '.join(KNOWN)}; "
           f"novel: {', '.join(NOVEL)}. Retained: the size task (chance 1/3), never trained on here. Format: greedy "
-          f"colour completions written <think>…</think><answer>…</answer>. Wall time {wall / 60:.1f} min.\n\n"
+          f"colour completions written <think>…</think><answer>…</answer>. CPU s: the training processes' CPU "
+          f"time (regime b's start: its SFT and measurement), which unlike wall time does not depend on what "
+          f"else shares the machine. Wall time {wall / 60:.1f} min. Code (sha256): "
+          + ", ".join(f"{k} {v}" for k, v in version.items()) + ".\n\n"
           + table(runs, starts, configs, regimes) + "\n")
     b = [s for s in starts if s["regime"] == "b"]
     if b:
@@ -466,7 +486,8 @@ def main():
     with open(os.path.join(o.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(o.out, "runs.json"), "w") as f:
-        json.dump({"runs": runs, "starts": starts, "paired": diffs, "wall_s": wall, "args": vars(o)}, f)
+        json.dump({"runs": runs, "starts": starts, "paired": diffs, "wall_s": wall, "code": version,
+                   "args": vars(o)}, f)
     plot(runs, configs, regimes, os.path.join(o.out, "curves.png"))
     print("\n" + md + f"\nwrote {o.out}/results.md, curves.png, runs.json in {time.time() - t0:.0f}s")
 
