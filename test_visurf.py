@@ -326,6 +326,26 @@ def test_generation_runs_the_prompt_once_per_prompt(tiny):
     hook.remove()
 
 
+def test_static_kv_cache_gives_the_dynamic_caches_tokens(tiny, monkeypatch):
+    """--kv-cache static (what CUDA uses by default) holds the same keys and values in
+    fixed-size tensors: the same greedy tokens, and the same sampled ones for one seed."""
+    model, processor, conv, _ = tiny
+    model.eval()
+    prompts = visurf.encode_prompts(processor, data.synthetic("grounding", 3, 0), conv, "cpu")
+    caches, plain_generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(type(kw["past_key_values"])) or plain_generate(**kw))
+    for greedy in (True, False):
+        out = {}
+        for kv in ("dynamic", "static"):
+            torch.manual_seed(5)
+            with torch.no_grad():
+                out[kv] = visurf.generate(model, processor, prompts, 3, 24, greedy=greedy, min_new_tokens=24, kv_cache=kv)
+        assert [len(c) for c in out["static"]] == [24] * 9
+        assert out["static"] == out["dynamic"], greedy
+    assert [c.__name__ for c in caches] == ["DynamicCache", "StaticCache"] * 2
+    assert visurf.parse_args([]).kv_cache == "auto"  # auto: static on CUDA only (generate's own test of the device)
+
+
 # =============================================================================
 # End to end, through the command line
 

@@ -49,7 +49,8 @@ import rewards
 RULES = ("align", "think", "smooth")
 # flags a resumed run may change; any other change makes the continuation a different run
 SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
-                  "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad"}
+                  "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad",
+                  "kv_cache"}
 TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
 
@@ -120,6 +121,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default: 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
+    g.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static"],
+                   help="decoding's key/value cache; static lets transformers compile decoding (auto: static on CUDA)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
     g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
@@ -188,7 +191,7 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,  # noqa: E402
-                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, StaticCache)
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor  # noqa: E402
@@ -411,11 +414,13 @@ def generation_config(tok, max_new_tokens, greedy=False, min_new_tokens=0):
                             suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
 
 
-def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0):
+def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0, kv_cache="auto"):
     """n completions per prompt. -> B*n token lists, each up to and including its first
     end token (all of it if it never ended). The image and the prompt go through the
     model once per prompt: their key/value cache is then repeated n times, and the n
-    samples continue from it, so G does not multiply the vision tower or the prefill."""
+    samples continue from it, so G does not multiply the vision tower or the prefill.
+    A static cache (kv_cache "static", or "auto" on CUDA) holds the same keys and values
+    in tensors of fixed size, which is what lets transformers compile the decode step."""
     tok = processor.tokenizer
     text = {k: prompts[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}   # [B, P]
     # all but the last prompt token: generate() must have one uncached token to start from
@@ -423,6 +428,11 @@ def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new
                   image_grid_thw=prompts["image_grid_thw"], use_cache=True, logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(n)
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(n, 0)  # M-RoPE's offsets, per row
+    if kv_cache == "static" or (kv_cache == "auto" and model.device.type == "cuda"):
+        static = StaticCache(config=model.config, max_cache_len=text["input_ids"].shape[1] + max_new_tokens)
+        for layer, prefilled in zip(static.layers, cache.layers):
+            layer.update(prefilled.keys, prefilled.values)
+        cache = static
     idx = torch.arange(text["input_ids"].shape[0], device=text["input_ids"].device).repeat_interleave(n)
     out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache,
                          generation_config=generation_config(tok, max_new_tokens, greedy, min_new_tokens))
@@ -489,7 +499,8 @@ def make_groups(model, processor, samples, conv, args):
     t = time.time()
     model.eval()  # in train mode, gradient checkpointing would switch off the KV cache
     with torch.no_grad(), autocast(device):
-        rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            kv_cache=args.kv_cache)
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
     t = time.time()
     completions, advantages, parts_all, r_gt, fired, a_gt = [], [], [], [], [], []
@@ -598,7 +609,7 @@ def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
     for i in range(0, len(samples), args.eval_batch_size):
         prompts = encode_prompts(processor, samples[i:i + args.eval_batch_size], conv, device)
         with torch.no_grad(), autocast(device):
-            outputs = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True)
+            outputs = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True, kv_cache=args.kv_cache)
         texts += [tok.decode(c, skip_special_tokens=True) for c in outputs]
     return eval_metrics(samples, texts, conv, info, out_dir), texts
 
