@@ -217,6 +217,30 @@ def test_visurf_gradient_is_weighted_sum_of_sequence_gradients(tiny64):
     assert_same_gradient(g, expected)
 
 
+def test_prompt_once_forward_equals_whole_sequences(tiny64):
+    """Training runs each prompt once and its G+1 completions from its repeated keys and
+    values; with activation checkpointing every sequence carries its prompt. Both give the
+    same log-probabilities and the same gradient, over 2 left-padded prompts of different
+    lengths and completions of different lengths."""
+    model, processor, conv, args = tiny64
+    samples = [data.synthetic("grounding", 1, 0)[0], data.synthetic("classification", 1, 0)[0]]
+    prompts = visurf.encode_prompts(processor, samples, conv, "cpu")
+    assert (prompts["attention_mask"] == 0).any()  # one prompt is padded
+    ids = processor.tokenizer("<think> the red shape </think><answer>[1, 2, 3, 4]</answer>")["input_ids"]
+    comps = [ids[:3], ids[3:4], ids[4:9], ids[9:11], ids[2:6], ids[-3:]]
+    weights = torch.linspace(-1, 1, 6, dtype=torch.float64)[:, None]
+    model.train()
+    out = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        logp, mask = visurf.token_logprobs(model, prompts, comps, 3)
+        out[checkpointing] = logp.detach(), flat_grad(model, (logp * mask * weights).sum())
+    model.activation_checkpointing_disable()
+    assert torch.allclose(out[False][0] * mask, out[True][0] * mask, rtol=0, atol=1e-9)
+    assert_same_gradient(out[False][1], out[True][1])
+
+
 def test_label_term_is_scaled_sft_gradient(tiny64):
     """Every rollout scores the same c < r(y): A_y = G/sqrt(G+1), and the ViSurf gradient is
     A_y/(G+1) times the SFT gradient of the label, plus A_j/(G+1) times the rollouts'
