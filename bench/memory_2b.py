@@ -86,7 +86,7 @@ def main():
         for ckpt in (False, True):
             lang, visual = act[ckpt]
             peak = fixed[frozen] + lang + (0 if frozen else visual)
-            name = ("--freeze-vision " if frozen else "") + ("--gradient-checkpointing" if ckpt else "")
+            name = " ".join(f for f, on in (("--freeze-vision", frozen), ("--gradient-checkpointing", ckpt)) if on)
             print(f"| {name or 'defaults'} | {peak / GB:.1f} | {'yes' if peak < 40 * 2**30 else 'no'} | "
                   f"{'yes' if peak < 80 * 2**30 else 'no'} |")
     read = 2 * lm + B * G * (P + NEW) * L * 2 * kv * 2   # bf16 weights + the whole KV cache, per decode step
