@@ -22,8 +22,10 @@ What is simplified, on purpose:
 - the ratio is per token, as in GRPO; with one update per batch (--ppo-epochs 1) it
   is exactly 1, so pi_old is the detached policy and no extra forward pass is made;
 - KL against a frozen copy (k3 estimator) only when --beta > 0; ViSurf uses none;
-- in training, each image goes through the vision tower once per step, however many
-  sequences share it; the processor is image-only, so torchvision is never needed.
+- each prompt (its image included) goes through the model once per step, in generation
+  and in training, however many sequences share it: the G (or G+1) completions continue
+  from its repeated keys and values; the processor is image-only, so torchvision is
+  never needed.
 The flags come first in this file, so that --help and a bad flag answer before torch loads.
 """
 import argparse
