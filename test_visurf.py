@@ -217,12 +217,11 @@ def test_visurf_gradient_is_weighted_sum_of_sequence_gradients(tiny64):
     assert_same_gradient(g, expected)
 
 
-def test_prompt_once_forward_equals_whole_sequences(tiny64):
+def assert_prompt_once_equals_whole_sequences(model, processor, conv):
     """Training runs each prompt once and its G+1 completions from its repeated keys and
     values; with activation checkpointing every sequence carries its prompt. Both give the
     same log-probabilities and the same gradient, over 2 left-padded prompts of different
     lengths and completions of different lengths."""
-    model, processor, conv, args = tiny64
     samples = [data.synthetic("grounding", 1, 0)[0], data.synthetic("classification", 1, 0)[0]]
     prompts = visurf.encode_prompts(processor, samples, conv, "cpu")
     assert (prompts["attention_mask"] == 0).any()  # one prompt is padded
@@ -239,6 +238,11 @@ def test_prompt_once_forward_equals_whole_sequences(tiny64):
     model.activation_checkpointing_disable()
     assert torch.allclose(out[False][0] * mask, out[True][0] * mask, rtol=0, atol=1e-9)
     assert_same_gradient(out[False][1], out[True][1])
+
+
+def test_prompt_once_forward_equals_whole_sequences(tiny64):
+    model, processor, conv, _ = tiny64
+    assert_prompt_once_equals_whole_sequences(model, processor, conv)
 
 
 def test_label_term_is_scaled_sft_gradient(tiny64):
@@ -460,6 +464,7 @@ def test_qwen2_5_vl_checkpoint_shares_the_path(tmp_path, tiny):
     args = visurf.parse_args(["--model", path, "--group-size", "2", "--max-new-tokens", "4"])
     m25, p25, conv = visurf.load_model(path, args)
     assert conv.family == "qwen2_5_vl"
+    assert_prompt_once_equals_whole_sequences(m25.double(), p25, conv)  # Qwen2.5-VL's M-RoPE and vision too
     s = data.synthetic("grounding", 1, 0)[0]
     s["image"], s["size"] = s["image"].resize((448, 224)), (448, 224)
     s["answer"] = [2 * s["answer"][0], s["answer"][1], 2 * s["answer"][2], s["answer"][3]]

@@ -431,7 +431,10 @@ def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new
     cache.batch_repeat_interleave(n)
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(n, 0)  # M-RoPE's offsets, per row
     if kv_cache == "static" or (kv_cache == "auto" and model.device.type == "cuda"):
-        static = StaticCache(config=model.config, max_cache_len=text["input_ids"].shape[1] + max_new_tokens)
+        # whole blocks of 256: the compiled decode step is specialised to the cache's length,
+        # so steps whose prompts differ by a few tokens reuse one compilation
+        length = -(-(text["input_ids"].shape[1] + max_new_tokens) // 256) * 256
+        static = StaticCache(config=model.config, max_cache_len=length)
         for layer, prefilled in zip(static.layers, cache.layers):
             layer.update(prefilled.keys, prefilled.values)
         cache = static
