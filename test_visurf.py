@@ -309,19 +309,33 @@ def test_micro_batches_give_the_same_gradient(tiny64, agg):
     assert_same_gradient(grads[0], grads[1])
 
 
-def test_chunked_log_probs_under_a_small_memory_budget(tiny64):
-    """Over budget, the log-softmax runs a few rows at a time and is recomputed in backward:
-    the same values and gradients as all at once."""
+def test_lm_head_log_probs_equal_autograds_in_and_over_the_memory_budget(tiny64):
+    """The fused LM head + log-softmax + gather gives autograd's values and gradients, for
+    the hidden states and for a weight tied to the input embedding (as in Qwen2-VL-2B),
+    all at once and, over budget, two rows at a time recomputed in backward. Its weight
+    gradient is contiguous: that is what lets autograd add the embedding's into it in place."""
     model = tiny64[0]
+    emb, head = model.get_input_embeddings(), model.lm_head
+    assert emb.weight is head.weight
     torch.manual_seed(0)
-    hidden = torch.randn(5, 7, model.lm_head.in_features, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, model.lm_head.out_features, (5, 7))
-    out = []
-    for budget in (2**30, 2 * 7 * model.lm_head.out_features * 4):  # everything at once; two rows at a time
-        lp = visurf.chunked_logprobs(model.lm_head, hidden, targets, budget)
-        out.append((lp.detach(), torch.autograd.grad(lp.sum(), hidden)[0]))
-    assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=1e-12)
-    assert torch.allclose(out[0][1], out[1][1], rtol=1e-12, atol=1e-12)
+    ids = torch.randint(0, head.out_features, (5, 7))
+    targets = torch.randint(0, head.out_features, (5, 7))
+    g = torch.randn(5, 7, dtype=torch.float64)  # an uneven upstream gradient, as the policy loss gives
+    mix = torch.randn(head.in_features, head.in_features, dtype=torch.float64)
+
+    def run(logprobs):
+        hidden = (emb(ids) @ mix).tanh()            # [5, 7, H]: a function of the tied weight
+        lp = logprobs(hidden)
+        return (lp.detach(), *torch.autograd.grad((lp * g).sum(), [head.weight, hidden]))
+    want = run(lambda h: torch.log_softmax(head(h), -1).gather(-1, targets[..., None]).squeeze(-1))
+    for budget in (2**30, 2 * 7 * head.out_features * 4):  # everything at once; two rows at a time
+        got = run(lambda h: visurf.chunked_logprobs(head, h, targets, budget))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    hidden = torch.randn(2, 3, head.in_features, dtype=torch.float64, requires_grad=True)
+    w = head.weight.detach().clone().requires_grad_()
+    gw, = torch.autograd.grad(visurf.LMHeadLogprobs.apply(hidden, w, targets[:2, :3]).sum(), w)
+    assert gw.is_contiguous() and gw.shape == w.shape
 
 
 def test_generation_runs_the_prompt_once_per_prompt(tiny):

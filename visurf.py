@@ -486,14 +486,37 @@ def token_logprobs(model, prompts, completions, per_prompt):
     return chunked_logprobs(model.lm_head, hidden, comp), mask
 
 
+class LMHeadLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[targets] in fp32, [n, T, H] -> [n, T]: the LM head, its
+    log-softmax and the gather in one, for the backward's memory. Autograd's own backward
+    holds four [n, T, vocab] tensors at once (logits, their exponentials, a scattered
+    one-hot, the sum) and hands the weight a transposed view, which autograd cannot add
+    Qwen2-VL-2B's tied input embedding's gradient into in place (one [vocab, H] copy more,
+    0.9 GB in fp32). This one writes the logits' gradient over the saved logits and returns
+    a contiguous weight gradient."""
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # the products in bf16 under autocast, backward's too
+    def forward(ctx, hidden, weight, targets):
+        logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))    # [n, T, V]
+        lse = logits.logsumexp(-1)                                                            # [n, T]
+        ctx.save_for_backward(hidden, weight, targets, logits, lse)
+        return logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        hidden, weight, targets, logits, lse = ctx.saved_tensors
+        d = logits.sub_(lse[..., None]).exp_().mul_(-g[..., None])   # -g * softmax, in the logits' place
+        d = d.scatter_add_(-1, targets[..., None], g[..., None]).to(hidden.dtype)  # + g at the target
+        return d @ weight, d.flatten(0, -2).T @ hidden.flatten(0, -2), None         # [n, T, H], [V, H]
+
+
 def chunked_logprobs(lm_head, hidden, targets, budget=2**30):
     """log_softmax(lm_head(hidden))[targets]. The fp32 logits of all N*T positions are made
     at once when they fit in `budget` bytes (the tiny model, short completions); otherwise a
     few rows at a time, recomputed in the backward pass, so no [N, T, vocab] tensor lives."""
     def piece(h, t):
-        logits = lm_head(h)                              # [n, T, V]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-        return logits.gather(-1, t[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        return LMHeadLogprobs.apply(h, lm_head.weight, t)  # Qwen's LM heads have no bias
     N, T, _ = hidden.shape
     rows = max(1, budget // (T * lm_head.out_features * 4))
     if rows >= N or not torch.is_grad_enabled():
