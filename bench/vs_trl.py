@@ -186,7 +186,7 @@ def run_side(o, side, weights):
 
 
 def spread(xs):
-    return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+    return f"{statistics.median(xs):.3f}x ({min(xs):.3f}-{max(xs):.3f})"
 
 
 def main():
