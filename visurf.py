@@ -1143,6 +1143,9 @@ def main(argv=None):
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
     if lead:
         print(f"saved {path}")
+    # DDP's reducer must not hold the last reference to the process group: freed from it, with
+    # the interpreter lock held, gloo's destructor waits on a worker that needs that lock
+    ddp = None
     barrier()
     if world > 1:
         dist.destroy_process_group()
