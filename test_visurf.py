@@ -310,16 +310,18 @@ def test_micro_batches_give_the_same_gradient(tiny64, agg):
 
 
 def test_lm_head_log_probs_equal_autograds_in_and_over_the_memory_budget(tiny64):
-    """The fused LM head + log-softmax + gather gives autograd's values and gradients, for
-    the hidden states and for a weight tied to the input embedding (as in Qwen2-VL-2B),
-    all at once and, over budget, two rows at a time recomputed in backward. Its weight
-    gradient is contiguous: that is what lets autograd add the embedding's into it in place."""
+    """The fused LM head + log-softmax + gather gives autograd's values and gradients at the
+    completions' positions and 0 (no gradient) at their padding, for the hidden states and for
+    a weight tied to the input embedding (as in Qwen2-VL-2B), all at once and, over budget,
+    two positions at a time recomputed in backward. Its weight gradient is contiguous: that is
+    what lets autograd add the embedding's into it in place."""
     model = tiny64[0]
     emb, head = model.get_input_embeddings(), model.lm_head
     assert emb.weight is head.weight
     torch.manual_seed(0)
     ids = torch.randint(0, head.out_features, (5, 7))
     targets = torch.randint(0, head.out_features, (5, 7))
+    mask = (torch.arange(7) < torch.tensor([7, 3, 1, 7, 5])[:, None]).double()  # [5, 7], padded after
     g = torch.randn(5, 7, dtype=torch.float64)  # an uneven upstream gradient, as the policy loss gives
     mix = torch.randn(head.in_features, head.in_features, dtype=torch.float64)
 
@@ -327,14 +329,15 @@ def test_lm_head_log_probs_equal_autograds_in_and_over_the_memory_budget(tiny64)
         hidden = (emb(ids) @ mix).tanh()            # [5, 7, H]: a function of the tied weight
         lp = logprobs(hidden)
         return (lp.detach(), *torch.autograd.grad((lp * g).sum(), [head.weight, hidden]))
-    want = run(lambda h: torch.log_softmax(head(h), -1).gather(-1, targets[..., None]).squeeze(-1))
-    for budget in (2**30, 2 * 7 * head.out_features * 4):  # everything at once; two rows at a time
-        got = run(lambda h: visurf.chunked_logprobs(head, h, targets, budget))
+    want = run(lambda h: torch.log_softmax(head(h), -1).gather(-1, targets[..., None]).squeeze(-1) * mask)
+    assert want[0][1, 3:].eq(0).all() and want[2][1, 3:].eq(0).all() and want[2][1, :3].ne(0).all()
+    for budget in (2**30, 2 * head.out_features * 4):  # everything at once; two positions at a time
+        got = run(lambda h: visurf.chunked_logprobs(head, h, targets, mask, budget))
         for a, b in zip(got, want):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-    hidden = torch.randn(2, 3, head.in_features, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(3, head.in_features, dtype=torch.float64, requires_grad=True)
     w = head.weight.detach().clone().requires_grad_()
-    gw, = torch.autograd.grad(visurf.LMHeadLogprobs.apply(hidden, w, targets[:2, :3]).sum(), w)
+    gw, = torch.autograd.grad(visurf.LMHeadLogprobs.apply(hidden, w, targets[0, :3]).sum(), w)
     assert gw.is_contiguous() and gw.shape == w.shape
 
 

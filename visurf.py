@@ -467,7 +467,7 @@ def token_logprobs(model, prompts, completions, per_prompt):
         feats = BaseModelOutputWithPooling(pooler_output=tuple(feats[i] for i in idx.tolist()))
         hidden = model.model(**seq, image_grid_thw=prompts["image_grid_thw"][idx], mm_encoder_outputs={"image": feats},
                              use_cache=False).last_hidden_state[:, -T - 1:-1]   # [N, T, H]
-        return chunked_logprobs(model.lm_head, hidden, comp), mask
+        return chunked_logprobs(model.lm_head, hidden, comp, mask), mask
     # The image and the prompt go through the model once per prompt; the per_prompt
     # completions continue from its keys and values, repeated, and backward sums their
     # gradients into it. Same numbers as running every sequence whole, far fewer tokens.
@@ -483,13 +483,13 @@ def token_logprobs(model, prompts, completions, per_prompt):
                          past_key_values=cache, use_cache=True).last_hidden_state       # [N, T, H]
     # the state that predicts completion token t: the prompt's last for t = 0, then token t-1's
     hidden = torch.cat([out.last_hidden_state[idx, -1:], hidden[:, :-1]], 1)             # [N, T, H]
-    return chunked_logprobs(model.lm_head, hidden, comp), mask
+    return chunked_logprobs(model.lm_head, hidden, comp, mask), mask
 
 
 class LMHeadLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T)[targets] in fp32, [n, T, H] -> [n, T]: the LM head, its
+    """log_softmax(hidden @ weight.T)[targets] in fp32, [n, H] -> [n]: the LM head, its
     log-softmax and the gather in one, for the backward's memory. Autograd's own backward
-    holds four [n, T, vocab] tensors at once (logits, their exponentials, a scattered
+    holds four [n, vocab] tensors at once (logits, their exponentials, a scattered
     one-hot, the sum) and hands the weight a transposed view, which autograd cannot add
     Qwen2-VL-2B's tied input embedding's gradient into in place (one [vocab, H] copy more,
     0.9 GB in fp32). This one writes the logits' gradient over the saved logits and returns
@@ -497,8 +497,8 @@ class LMHeadLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # the products in bf16 under autocast, backward's too
     def forward(ctx, hidden, weight, targets):
-        logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))    # [n, T, V]
-        lse = logits.logsumexp(-1)                                                            # [n, T]
+        logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))    # [n, V]
+        lse = logits.logsumexp(-1)                                                            # [n]
         ctx.save_for_backward(hidden, weight, targets, logits, lse)
         return logits.gather(-1, targets[..., None]).squeeze(-1) - lse
 
@@ -508,21 +508,26 @@ class LMHeadLogprobs(torch.autograd.Function):
         hidden, weight, targets, logits, lse = ctx.saved_tensors
         d = logits.sub_(lse[..., None]).exp_().mul_(-g[..., None])   # -g * softmax, in the logits' place
         d = d.scatter_add_(-1, targets[..., None], g[..., None]).to(hidden.dtype)  # + g at the target
-        return d @ weight, d.flatten(0, -2).T @ hidden.flatten(0, -2), None         # [n, T, H], [V, H]
+        return d @ weight, d.T @ hidden, None                                        # [n, H], [V, H]
 
 
-def chunked_logprobs(lm_head, hidden, targets, budget=2**30):
-    """log_softmax(lm_head(hidden))[targets]. The fp32 logits of all N*T positions are made
-    at once when they fit in `budget` bytes (the tiny model, short completions); otherwise a
-    few rows at a time, recomputed in the backward pass, so no [N, T, vocab] tensor lives."""
+def chunked_logprobs(lm_head, hidden, targets, mask, budget=2**30):
+    """log_softmax(lm_head(hidden))[targets] where mask is 1, and 0 at padding: [N, T, H] ->
+    [N, T]. Only the completions' own positions go through the vocabulary, not the padding
+    after the shorter ones (a group's lengths differ, the label's most of all). Their fp32
+    logits are made at once when they fit in `budget` bytes; otherwise a few positions at a
+    time, recomputed in the backward pass, so no [positions, vocab] tensor of a real model lives."""
     def piece(h, t):
         return LMHeadLogprobs.apply(h, lm_head.weight, t)  # Qwen's LM heads have no bias
-    N, T, _ = hidden.shape
-    rows = max(1, budget // (T * lm_head.out_features * 4))
-    if rows >= N or not torch.is_grad_enabled():
-        return torch.cat([piece(hidden[i:i + rows], targets[i:i + rows]) for i in range(0, N, rows)])
-    return torch.cat([checkpoint(piece, hidden[i:i + rows], targets[i:i + rows], use_reentrant=False)
-                      for i in range(0, N, rows)])                  # [N, T]
+    keep = mask.bool()                                             # [N, T]
+    h, t = hidden[keep], targets[keep]                             # [n, H], [n]
+    rows = max(1, budget // (lm_head.out_features * 4))            # positions per piece
+    if rows >= len(t) or not torch.is_grad_enabled():
+        logp = torch.cat([piece(h[i:i + rows], t[i:i + rows]) for i in range(0, len(t), rows)])
+    else:
+        logp = torch.cat([checkpoint(piece, h[i:i + rows], t[i:i + rows], use_reentrant=False)
+                          for i in range(0, len(t), rows)])       # [n]
+    return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
 
 
 # -----------------------------------------------------------------------------
