@@ -94,10 +94,28 @@ def main():
           f"at most {read / GB:.2f} GB per step:")
     for name, bw in BANDWIDTH.items():
         print(f"- {name}: {read / bw * 1e3:.2f} ms per token, {NEW * read / bw:.2f} s for {NEW} tokens")
-    flops = 6 * lm * tokens_once + 6 * vis * B * patches + 2 * lm * B * G * NEW
-    print(f"Compute: 6 x params x training tokens + 2 x params x generated tokens = {flops / 1e12:.0f} TFLOP per step:")
+    visurf, grpo = step_flops(lm, vis, tc.vocab_size * h, patches, P, B, G, NEW)
+    print(f"Compute, 2 FLOP per parameter and token forward, 6 forward and backward (attention's own "
+          f"products left out): {visurf / 1e12:.0f} TFLOP per step:")
     for name, f in BF16_FLOPS.items():
-        print(f"- {name}: {flops / f:.2f} s at 100% utilisation, {flops / f / 0.4:.2f} s at 40%")
+        print(f"- {name}: {visurf / f:.2f} s at 100% utilisation, {visurf / f / 0.4:.2f} s at 40%")
+    print(f"The same count for TRL's GRPO step on the same batch (G sequences per prompt, each with its image and "
+          f"prompt, in generation and in training; the LM head at completion positions only): "
+          f"{grpo / 1e12:.0f} TFLOP, so visurf's is {visurf / grpo:.2f}x of it.")
+
+
+def step_flops(lm, vis, head, patches, P, B, G, NEW):
+    """(visurf's ViSurf step, TRL's GRPO step) in FLOP. visurf runs the image and the prompt
+    once per prompt, in generation and in training, and G+1 completions; TRL runs them once
+    per sequence, and G completions. The LM head runs at completion positions only (and once
+    per decode step), the rest of the language model (`body`) at every position."""
+    body = lm - head
+    decode = 2 * lm * B * G * NEW                       # the same G samples per prompt on both sides
+    visurf = (2 * vis * B * patches + 2 * body * B * P + decode
+              + 6 * vis * B * patches + 6 * body * B * P + 6 * lm * B * (G + 1) * NEW)
+    grpo = (2 * vis * B * G * patches + 2 * body * B * G * P + decode
+            + 6 * vis * B * G * patches + 6 * body * B * G * P + 6 * lm * B * G * NEW)
+    return visurf, grpo
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ the same optimizer (torch's fused AdamW). Each side runs in its own process, so 
 memory is its own; the sides are interleaved over --reps repetitions with the order
 rotated each time, the thread count pinned, and the machine's load average recorded.
 
+Memory on CPU is the process's peak RSS, which also counts freed memory that glibc's
+allocator keeps for reuse (it raises its mmap threshold up to 32 MiB as blocks are freed),
+where a GPU's max_memory_allocated counts live tensors only. So on CPU every side also runs
+once more with MALLOC_MMAP_THRESHOLD_=131072: glibc then maps every block of 128 KiB or more
+on its own and unmaps it when it is freed, and the peak RSS is the live memory plus the
+interpreter and libraries. That pass is for memory only (fresh pages cost it time).
+
 TRL is run two ways. "TRL as shipped" is GRPOTrainer unchanged. "TRL GPU path" is the
 same trainer with its fused LM head scoring completion positions only, as it does on
 CUDA/XPU; on CPU, TRL 1.16 projects every prompt and completion position through the
@@ -174,9 +181,9 @@ SIDES = {"visurf": "visurf ViSurf (G+1 sequences)", "grpo": "visurf GRPO (G sequ
          "trl-gpu": "TRL GRPOTrainer, GPU path", "trl": "TRL GRPOTrainer as shipped"}
 
 
-def run_side(o, side, weights):
+def run_side(o, side, weights, **env_extra):
     """One side in a fresh process with pinned threads -> its RESULT dict."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads), **env_extra)
     cmd = [sys.executable, __file__, "--side", side, "--weights", weights] + sys.argv[1:]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -228,6 +235,9 @@ def main():
                 runs[side].append(run_side(o, side, weights))
                 print(f"rep {rep + 1}/{o.reps} {side}: {statistics.median(runs[side][-1]['times'][1:]):.3f} s/step, "
                       f"load before {loads[-1]:.2f}", flush=True)
+        # memory with freed blocks returned (see the docstring): one pass, it barely varies
+        live = {k: run_side(o, k, weights, MALLOC_MMAP_THRESHOLD_="131072")["peak_gb"] for k in sides
+                if o.device == "cpu"}
     step = {k: [statistics.median(r["times"][1:]) for r in v] for k, v in runs.items()}  # per repetition
     mem = {k: [r["peak_gb"] for r in v] for k, v in runs.items()}
     print(f"\narch {o.arch}, device {o.device}, {o.threads} threads, G {o.group_size}, B {o.batch_size}, "
@@ -235,15 +245,17 @@ def main():
           f"{o.steps - 1} steps after a warm-up; 1-min load average before each side: "
           f"{min(loads):.2f}-{max(loads):.2f}")
     peers = [k for k in ("trl-gpu", "trl") if k in sides]
-    print("| step | median s (min-max) | peak GiB | " + " | ".join(
-        f"time vs {SIDES[k]} | memory vs {SIDES[k]}" for k in peers) + " |")
-    print("|---|---|---|" + "---|---|" * len(peers))
+    print("| step | median s (min-max) | peak GiB | " + ("peak GiB, freed returned | " if live else "") + " | ".join(
+        f"time vs {SIDES[k]} | memory vs {SIDES[k]}" + (f" | memory, freed returned, vs {SIDES[k]}" if live else "")
+        for k in peers) + " |")
+    print("|---|---|---|" + "---|" * bool(live) + ("---|---|" + "---|" * bool(live)) * len(peers))
     for k in sides:
         cells = [f"{spread([a / b for a, b in zip(step[k], step[q])])} | {spread([a / b for a, b in zip(mem[k], mem[q])])}"
-                 for q in peers]
+                 + (f" | {live[k] / live[q]:.3f}x" if live else "") for q in peers]
         print(f"| {SIDES[k]} | {statistics.median(step[k]):.3f} ({min(step[k]):.3f}-{max(step[k]):.3f}) | "
-              f"{statistics.median(mem[k]):.2f} | " + " | ".join(cells) + " |")
-    print("ratios: median (min-max) over repetitions, each repetition's sides against each other")
+              f"{statistics.median(mem[k]):.2f} | " + (f"{live[k]:.2f} | " if live else "") + " | ".join(cells) + " |")
+    print("ratios: median (min-max) over repetitions, each repetition's sides against each other"
+          + ("; 'freed returned': one more run per side with MALLOC_MMAP_THRESHOLD_=131072" if live else ""))
     if "visurf" in sides:
         ph = [x for r in runs["visurf"] for x in r["phases"][1:]]
         print(f"tokens per completion: visurf {sorted({x['gen_tokens'] / (o.group_size * o.batch_size) for x in ph})}"
