@@ -1657,6 +1657,12 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     result, printed = run_main(capsys, "--eval", "--model", ck, "--eval-limit", "8", "--max-new-tokens", n,
                                "--output-dir", str(tmp_path / "ev"))
     assert result["n"] == 8 and "accuracy" in printed.out
+    # a checkpoint trained from the tiny model takes its defaults (SFT -> RLVR repeats no flags);
+    # a folder without that mark in its config.json takes the real model's
+    tiny, real = visurf.parse_args(["--model", ck]), visurf.parse_args(["--model", str(tmp_path)])
+    for k, v in visurf.TINY_DEFAULTS.items():
+        assert getattr(tiny, k) == v and getattr(real, k) == visurf.REAL_DEFAULTS[k]
+    assert tiny.max_new_tokens is None and real.max_new_tokens == visurf.REAL_DEFAULTS["max_new_tokens"]
 
 
 def readme_commands():

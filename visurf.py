@@ -137,7 +137,7 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
 
-    for k, v in (TINY_DEFAULTS if args.model == "tiny" else REAL_DEFAULTS).items():
+    for k, v in (TINY_DEFAULTS if is_tiny(args.model) else REAL_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.ablate = [r.strip() for r in args.ablate.split(",") if r.strip()]
@@ -180,6 +180,18 @@ def parse_args(argv=None):
     if args.eval_images and not args.eval_data:
         die("--eval-images goes with --eval-data")
     return args
+
+
+def is_tiny(model):
+    """'tiny', or a checkpoint trained from it (its config.json says so): both take the tiny
+    defaults, so SFT -> RLVR on the tiny model repeats no flags."""
+    if model == "tiny":
+        return True
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            return bool(json.load(f).get("visurf_tiny"))
+    except (OSError, ValueError, AttributeError):  # a hub id, or no model at all (load_model says so)
+        return False
 
 
 if __name__ == "__main__":
@@ -330,7 +342,7 @@ def build_tiny(seed):
         vision_config=dict(depth=1, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=True, visurf_tiny=True)  # saved in config.json: see is_tiny
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config), tok
 
