@@ -1663,6 +1663,8 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     for k, v in visurf.TINY_DEFAULTS.items():
         assert getattr(tiny, k) == v and getattr(real, k) == visurf.REAL_DEFAULTS[k]
     assert tiny.max_new_tokens is None and real.max_new_tokens == visurf.REAL_DEFAULTS["max_new_tokens"]
+    # resuming reads the checkpoint's own mark, not the --model folder's (which may be gone)
+    assert visurf.parse_args(["--model", str(tmp_path / "gone"), "--resume", ck]).lr == visurf.TINY_DEFAULTS["lr"]
 
 
 def readme_commands():

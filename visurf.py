@@ -137,7 +137,8 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
 
-    for k, v in (TINY_DEFAULTS if is_tiny(args.model) else REAL_DEFAULTS).items():
+    tiny = is_tiny(args.model) or bool(args.resume and is_tiny(args.resume))  # the checkpoint carries the mark too
+    for k, v in (TINY_DEFAULTS if tiny else REAL_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.ablate = [r.strip() for r in args.ablate.split(",") if r.strip()]
@@ -189,7 +190,7 @@ def is_tiny(model):
         return True
     try:
         with open(os.path.join(model, "config.json")) as f:
-            return bool(json.load(f).get("visurf_tiny"))
+            return json.load(f).get("visurf_tiny") is True
     except (OSError, ValueError, AttributeError):  # a hub id, or no model at all (load_model says so)
         return False
 
