@@ -371,24 +371,213 @@ def test_generation_runs_the_prompt_once_per_prompt(tiny):
     hook.remove()
 
 
-def test_static_kv_cache_gives_the_dynamic_caches_tokens(tiny, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_static_kv_cache_gives_the_dynamic_caches_tokens(tiny, monkeypatch, precision):
     """--kv-cache static (what CUDA uses by default) holds the same keys and values in
-    fixed-size tensors: the same greedy tokens, and the same sampled ones for one seed."""
+    fixed-size tensors: the same greedy tokens, and the same sampled ones for one seed, in
+    fp32 and under bf16 autocast (where a static cache once crashed at the first decode
+    step: fp32 keys from the prefill, bf16 values from the step). One cache per batch
+    shape, reused by every call."""
     model, processor, conv, _ = tiny
     model.eval()
+    args = visurf.parse_args(["--precision", precision])
+    dtype = visurf.compute_dtype(args, torch.device("cpu"))
     prompts = visurf.encode_prompts(processor, data.synthetic("grounding", 3, 0), conv, "cpu")
     caches, plain_generate = [], model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(type(kw["past_key_values"])) or plain_generate(**kw))
+    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw["past_key_values"]) or plain_generate(**kw))
     for greedy in (True, False):
         out = {}
         for kv in ("dynamic", "static"):
             torch.manual_seed(5)
-            with torch.no_grad():
-                out[kv] = visurf.generate(model, processor, prompts, 3, 24, greedy=greedy, min_new_tokens=24, kv_cache=kv)
+            with torch.no_grad(), visurf.autocast(args, torch.device("cpu")):
+                out[kv] = visurf.generate(model, processor, prompts, 3, 24, greedy=greedy, min_new_tokens=24,
+                                          kv_cache=kv, dtype=dtype)
         assert [len(c) for c in out["static"]] == [24] * 9
         assert out["static"] == out["dynamic"], greedy
-    assert [c.__name__ for c in caches] == ["DynamicCache", "StaticCache"] * 2
+    assert [type(c).__name__ for c in caches] == ["DynamicCache", "Cache"] * 2
+    assert caches[1] is caches[3]  # reset and reused, not re-allocated
+    assert {layer.keys.dtype for layer in caches[1].layers} == {layer.values.dtype for layer in caches[1].layers} == {dtype}
     assert visurf.parse_args([]).kv_cache == "auto"  # auto: static on CUDA only (generate's own test of the device)
+
+
+# =============================================================================
+# The CUDA regime on CPU (SPEC §9): bf16 autocast, the static cache, compiled decoding,
+# NaN from padding rows, non-finite steps. Every branch a GPU takes runs here.
+
+def test_bf16_log_probs_and_gradients_are_close_to_fp32(tiny):
+    """Under bf16 autocast (the GPU default) log-probs stay within 0.02 of fp32 on the tiny
+    model (SPEC §9 measured 0.0014: a 14-fold margin) and the gradient points the same
+    way, through the prompt-once path and the LM head's own autograd function alike."""
+    import copy
+    model, processor, conv, _ = tiny
+    model = copy.deepcopy(model).train()
+    samples = data.synthetic("detection", 2, 0)
+    prompts = visurf.encode_prompts(processor, samples, conv, "cpu")
+    completions = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [5]]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        with visurf.autocast(visurf.parse_args(["--precision", precision]), torch.device("cpu")):
+            logp, mask = visurf.token_logprobs(model, prompts, completions, 2)
+        out[precision] = (logp.detach(), flat_grad(model, (logp * mask).sum()))
+    assert ((out["bf16"][0] - out["fp32"][0]).abs() * mask).max() < 0.02
+    cos = torch.nn.functional.cosine_similarity(out["bf16"][1], out["fp32"][1], dim=0)
+    assert cos > 0.999, cos
+
+
+def test_every_mode_trains_in_bf16_on_cpu(tmp_path):
+    """--precision bf16 runs a GPU's arithmetic on CPU: every mode, with gradient
+    checkpointing, a frozen vision tower, micro-batches and the static cache; the losses
+    are finite and no step is skipped."""
+    for extra in (["--mode", "visurf", "--gradient-checkpointing", "--kv-cache", "static"],
+                  ["--mode", "grpo", "--freeze-vision", "--micro-batch", "1"], ["--mode", "sft"]):
+        out = str(tmp_path / extra[1])
+        rc, _, err = cli("--precision", "bf16", "--steps", "2", "--batch-size", "2", "--group-size", "2",
+                         "--eval-limit", "3", "--eval-batch-size", "2", "--shots", "1", "--output-dir", out, *extra)
+        assert rc == 0, (extra, err)
+        steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+        assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in steps), extra
+
+
+def image_tree(path):
+    """Two classes, images of 4 widths: prompts of 4 lengths, so batches are left-padded."""
+    for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        os.makedirs(path / c)
+        for i, w in enumerate((56, 84, 112, 140)):
+            Image.new("RGB", (w, 56), colour).save(path / c / f"{i}.png")
+    return str(path)
+
+
+def test_compiled_decoding_makes_at_most_two_graphs(tmp_path, capsys):
+    """--kv-cache compiled: transformers compiles the decode step (forced on CPU by the
+    flag itself, as on CUDA). Steps whose prompts differ in length and an evaluation with
+    a remainder batch make at most 2 graphs: one per batch shape (training rows, evaluation
+    rows), never one per prompt length, remainder or call."""
+    train, _ = data.load(image_tree(tmp_path / "tree"), None, None, None, 0.0, 0, False)
+    assert len({s["size"] for i in range(3) for s in [train[j] for j in visurf.batch_for_step(8, 2, 0, i)]}) > 1
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        visurf.main(["--data", str(tmp_path / "tree"), "--eval-data", str(tmp_path / "tree"), "--kv-cache",
+                     "compiled", "--precision", "bf16", "--steps", "3", "--batch-size", "2", "--group-size", "4",
+                     "--max-new-tokens", "8", "--eval-limit", "5", "--eval-batch-size", "4", "--lr", "5e-4",
+                     "--output-dir", str(tmp_path / "run")])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert 1 <= graphs <= 2, graphs
+    assert "after training:" in capsys.readouterr().out
+
+
+def nan_for_fully_masked_rows(monkeypatch):
+    """Emulate an SDPA backend that returns NaN for a query row with no key to attend to."""
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, *a, **kw):
+        out = plain(q, k, v, attn_mask, *a, **kw)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            empty = ~attn_mask.any(-1, keepdim=True)                 # [B, 1 or H, Q, 1]
+            out = out.masked_fill(empty.expand(*out.shape[:-1], 1), float("nan"))
+        return out
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
+def test_padding_rows_never_make_nan(tiny, tmp_path, monkeypatch, capsys):
+    """A backend that returns NaN for fully masked rows (left padding) poisons every row
+    with transformers' own masks; with visurf's masks no row is fully masked, and a run
+    finishes with finite losses and no traceback."""
+    from transformers import masking_utils
+    model, processor, conv, _ = tiny
+    tree = image_tree(tmp_path / "tree")
+    samples, _ = data.load(tree, None, None, None, 0.0, 0, False)
+    prompts = visurf.encode_prompts(processor, samples[:2], conv, "cpu")
+    assert (prompts["attention_mask"] == 0).any()  # left padding
+    nan_for_fully_masked_rows(monkeypatch)
+    with torch.no_grad():
+        logp, _ = visurf.token_logprobs(model, prompts, [[5, 6], [7]], 1)
+        assert torch.isfinite(logp).all()
+        monkeypatch.setitem(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", masking_utils.sdpa_mask)
+        assert torch.isnan(visurf.token_logprobs(model, prompts, [[5, 6], [7]], 1)[0]).any()  # the emulation bites
+    monkeypatch.undo()
+    nan_for_fully_masked_rows(monkeypatch)
+    visurf.main(["--data", tree, "--eval-data", tree, "--steps", "2", "--batch-size", "4", "--group-size", "2",
+                 "--precision", "bf16", "--max-new-tokens", "8", "--lr", "5e-4", "--eval-limit", "4",
+                 "--output-dir", str(tmp_path / "run")])
+    steps = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in l]
+    assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_the_weights(tiny):
+    """A NaN gradient is not applied: the weights and AdamW's state are bit-identical
+    afterwards, and the step says so (skipped)."""
+    import copy
+    model, processor, conv, _ = tiny
+    model = copy.deepcopy(model)
+    args = visurf.parse_args(["--group-size", "2", "--batch-size", "1", "--max-new-tokens", "6"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    prompts = visurf.encode_prompts(processor, data.synthetic("classification", 1, 0), conv, "cpu")
+    completions = [[5, 6], [7, 8, 9]]
+    good = visurf.update(model, opt, prompts, completions, torch.tensor([1.0, -1.0]), 2, args)
+    assert good["skipped"] == 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exp_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state]
+    bad = visurf.update(model, opt, prompts, completions, torch.tensor([float("nan"), 1.0]), 2, args)
+    assert bad["skipped"] == 1 and not math.isfinite(bad["grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(exp_avg, [p for p in model.parameters() if p in opt.state]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_diverging_run_stops_in_one_line_with_its_checkpoint(tmp_path):
+    """--lr 1e6: the second step is already non-finite; the run stops after 5 such steps in a row with
+    one line, exit 1, the checkpoint saved before it still loads, metrics say why."""
+    rc, out, err = cli("--lr", "1e6", "--steps", "20", "--save-every", "1", "--batch-size", "2", "--group-size", "2",
+                       "--eval-limit", "2", "--output-dir", str(tmp_path))
+    assert rc == 1 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.startswith("error:")] == [err.strip()] and "diverged" in err
+    assert "update was skipped" in out
+    steps = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert steps[-1]["skipped_steps"] >= 5 and steps[-1]["loss"] is None  # NaN is written as null: still JSON
+    assert visurf.torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] >= 1
+
+
+def test_resume_reads_the_state_onto_the_cpu(tmp_path, monkeypatch):
+    """Under torchrun every rank would otherwise load rank 0's cuda:0 tensors onto GPU 0."""
+    torch.save({"step": 1, "optimizer": {}, "rng": None, "args": {}}, tmp_path / "trainer_state.pt")
+    seen, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
+    visurf.load_trainer_state(str(tmp_path), visurf.parse_args([]))
+    assert seen == ["cpu"]
+
+
+def test_peak_memory_is_the_steps_own_on_the_runs_device(monkeypatch):
+    """CUDA's peak is read from the run's device (not the current one) and reset after each
+    read, so each step reports its own. Emulated: the CUDA calls are recorded."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("peak", d)) or 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    device = torch.device("cuda:1")
+    assert visurf.peak_memory_gb(device) == 3.0
+    assert calls == [("peak", device), ("reset", device)]
+
+
+def test_cudnn_attention_is_off_after_loading(tiny):
+    """cuDNN's SDPA returns NaN gradients with a mask on H100/H200 (SPEC §9): visurf turns
+    it off whenever it loads a model (a setter, the same line on CPU)."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    visurf.load_model("tiny", visurf.parse_args([]))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_gpu_check_runs_on_cpu_with_the_gpu_rows_skipped():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench", "gpu_check.py"), "--device", "cpu",
+                        "--new-tokens", "8"], capture_output=True, text=True, cwd=tempfile.mkdtemp(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [l for l in p.stdout.splitlines() if re.match(r"\| [a-e]\. ", l)]
+    assert [r[2] for r in rows] == list("abcde"), p.stdout
+    assert all("| ok |" in r for r in rows[:4]) and "| skipped |" in rows[4]
+    assert "compiled: skipped" in rows[2] and "cuDNN on: skipped" in rows[3]
+    assert "static:" in rows[2] and "padding" in rows[3] and " 0 of them padding" not in rows[3]
 
 
 # =============================================================================

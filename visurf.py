@@ -52,8 +52,9 @@ RULES = ("align", "think", "smooth")
 # flags a resumed run may change; any other change makes the continuation a different run
 SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
                   "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad",
-                  "kv_cache"}
+                  "kv_cache", "precision"}
 TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
+DIVERGED = 5  # this many non-finite steps in a row stop a run
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
 
 
@@ -123,8 +124,12 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant (default: 0)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default: 1.0)")
-    g.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static"],
-                   help="decoding's key/value cache; static lets transformers compile decoding (auto: static on CUDA)")
+    g.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="bf16: bf16 autocast over fp32 master weights; fp32: plain fp32 (default: bf16 on CUDA, "
+                   "fp32 on CPU; bf16 runs on CPU too, which is how the tests run the GPU's arithmetic)")
+    g.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static", "compiled"],
+                   help="decoding's key/value cache: dynamic (grows), static (preallocated, reused), compiled "
+                   "(static, and transformers compiles the decode step); auto: static on CUDA, else dynamic")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
     g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
@@ -205,8 +210,10 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
-from transformers import (AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,  # noqa: E402
-                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, StaticCache)
+from transformers import (AutoModelForImageTextToText, AutoTokenizer, CompileConfig, GenerationConfig,  # noqa: E402
+                          PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+from transformers.cache_utils import Cache, StaticLayer  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor  # noqa: E402
@@ -366,6 +373,7 @@ def load_model(name, args):
             templates = [json.load(open(path))["chat_template"] if path else None, tok.chat_template]
         except Exception as e:  # a missing, partial or corrupt checkpoint: one line, no traceback
             die(f"cannot load model {name!r}: {one_line(e)}")
+    padding_safe_attention()
     family = model.config.model_type
     if family not in data.COORDS:
         die(f"{name}: model type {family!r} is not Qwen2-VL or Qwen2.5-VL")
@@ -419,23 +427,32 @@ def end_ids(tok):
     return tok.convert_tokens_to_ids([END_OF_TURN, "<|endoftext|>"])
 
 
-def generation_config(tok, max_new_tokens, greedy=False, min_new_tokens=0):
+def generation_config(tok, max_new_tokens, greedy=False, min_new_tokens=0, compile=False):
     """Every knob set, so nothing comes from a checkpoint's own config: Qwen2-VL ships
     top_k=1, which would make all G samples identical and the loss sit at 0."""
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=1.0,
-                            eos_token_id=end_ids(tok), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-                            # a young model samples vision tokens, which break the next forward
-                            suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS), **sampling)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=1.0,
+                              eos_token_id=end_ids(tok), pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                              # a young model samples vision tokens, which break the next forward
+                              suppress_tokens=tok.convert_tokens_to_ids(VISION_TOKENS),
+                              # a diverging policy's inf/NaN logits would crash sampling; the step that
+                              # follows is then non-finite and skipped (update)
+                              remove_invalid_values=True, disable_compile=not compile, **sampling)
+    if compile:  # transformers compiles decoding with a static cache on CUDA; on any device when asked
+        config.compile_config = CompileConfig()
+        config.compile_config._compile_all_devices = True
+    return config
 
 
-def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0, kv_cache="auto"):
+def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new_tokens=0, kv_cache="auto",
+             dtype=torch.float32):
     """n completions per prompt. -> B*n token lists, each up to and including its first
     end token (all of it if it never ended). The image and the prompt go through the
     model once per prompt: their key/value cache is then repeated n times, and the n
     samples continue from it, so G does not multiply the vision tower or the prefill.
-    A static cache (kv_cache "static", or "auto" on CUDA) holds the same keys and values
-    in tensors of fixed size, which is what lets transformers compile the decode step."""
+    A static cache (kv_cache "static" or "compiled", or "auto" on CUDA) holds the same keys
+    and values, in `dtype`, in tensors of fixed size reused by every call: what lets
+    transformers compile the decode step ("compiled") into a bounded number of graphs."""
     tok = processor.tokenizer
     text = {k: prompts[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}   # [B, P]
     # all but the last prompt token: generate() must have one uncached token to start from
@@ -443,20 +460,44 @@ def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new
                   image_grid_thw=prompts["image_grid_thw"], use_cache=True, logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(n)
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(n, 0)  # M-RoPE's offsets, per row
-    if kv_cache == "static" or (kv_cache == "auto" and model.device.type == "cuda"):
-        # whole blocks of 256: the compiled decode step is specialised to the cache's length,
-        # so steps whose prompts differ by a few tokens reuse one compilation
-        length = -(-(text["input_ids"].shape[1] + max_new_tokens) // 256) * 256
-        static = StaticCache(config=model.config, max_cache_len=length)
-        for layer, prefilled in zip(static.layers, cache.layers):
-            layer.update(prefilled.keys, prefilled.values)
-        cache = static
+    static = kv_cache in ("static", "compiled") or (kv_cache == "auto" and model.device.type == "cuda")
+    if static:
+        cache = static_cache(model, cache, text["input_ids"].shape[1] + max_new_tokens, dtype)
     idx = torch.arange(text["input_ids"].shape[0], device=text["input_ids"].device).repeat_interleave(n)
-    out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache,
-                         generation_config=generation_config(tok, max_new_tokens, greedy, min_new_tokens))
+    out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache, generation_config=
+                         generation_config(tok, max_new_tokens, greedy, min_new_tokens, compile=kv_cache == "compiled"))
     rows = out[:, text["input_ids"].shape[1]:].tolist()             # [B*n, T], padded after the end
     ends = set(end_ids(tok))
     return [r[:next((i + 1 for i, t in enumerate(r) if t in ends), len(r))] for r in rows]
+
+
+class OneDtypeLayer(StaticLayer):
+    """A static cache layer that keeps keys and values in one dtype. Under bf16 autocast a
+    prefill's keys and values come out fp32 (Qwen2-VL's rotary tables are fp32), a decode
+    step's keys fp32 and its values bf16, and StaticLayer's index_copy_ refuses a mix."""
+
+    def update(self, keys, values, *args, **kwargs):
+        if self.is_initialized:
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
+        return super().update(keys, values, *args, **kwargs)
+
+
+def static_cache(model, prefilled, needed, dtype):
+    """The prefilled dynamic cache copied into the static cache kept for this batch shape.
+    One cache per number of rows, reset and refilled on every call, never re-allocated
+    while it is long enough: a compiled decode step is specialised to the cache's shape,
+    and CUDA graphs to its addresses. Lengths come in whole blocks of 256, so a longer
+    prompt re-allocates (and recompiles) only when it crosses a block."""
+    rows = prefilled.layers[0].keys.shape[0]
+    caches = model.__dict__.setdefault("_visurf_static_caches", {})  # not a module attribute: never saved
+    cache = caches.get(rows)
+    if cache is None or cache.layers[0].max_cache_len < needed or cache.layers[0].dtype != dtype:
+        length = -(-needed // 256) * 256
+        cache = caches[rows] = Cache(layers=[OneDtypeLayer(max_cache_len=length) for _ in prefilled.layers])
+    cache.reset()
+    for layer, filled in zip(cache.layers, prefilled.layers):
+        layer.update(filled.keys.to(dtype), filled.values.to(dtype))
+    return cache
 
 
 def token_logprobs(model, prompts, completions, per_prompt):
@@ -508,20 +549,24 @@ class LMHeadLogprobs(torch.autograd.Function):
     0.9 GB in fp32). This one writes the logits' gradient over the saved logits and returns
     a contiguous weight gradient."""
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # the products in bf16 under autocast, backward's too
     def forward(ctx, hidden, weight, targets):
+        # the products in bf16 under autocast, backward's too: autograd runs backward outside
+        # the autocast region, so backward re-enters it (torch.amp.custom_bwd does that for one
+        # device type fixed in advance; this works the same on CPU and CUDA)
+        kind = hidden.device.type
+        ctx.amp = dict(device_type=kind, enabled=torch.is_autocast_enabled(kind), dtype=torch.get_autocast_dtype(kind))
         logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32))    # [n, V]
         lse = logits.logsumexp(-1)                                                            # [n]
         ctx.save_for_backward(hidden, weight, targets, logits, lse)
         return logits.gather(-1, targets[..., None]).squeeze(-1) - lse
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
         hidden, weight, targets, logits, lse = ctx.saved_tensors
         d = logits.sub_(lse[..., None]).exp_().mul_(-g[..., None])   # -g * softmax, in the logits' place
         d = d.scatter_add_(-1, targets[..., None], g[..., None]).to(hidden.dtype)  # + g at the target
-        return d @ weight, d.T @ hidden, None                                        # [n, H], [V, H]
+        with torch.autocast(**ctx.amp):
+            return d @ weight, d.T @ hidden, None                                    # [n, H], [V, H]
 
 
 def chunked_logprobs(lm_head, hidden, targets, mask, budget=2**30):
@@ -559,9 +604,9 @@ def make_groups(model, processor, samples, conv, args):
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
     model.eval()  # in train mode, gradient checkpointing would switch off the KV cache
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(args, device):
         rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                            kv_cache=args.kv_cache)
+                            kv_cache=args.kv_cache, dtype=compute_dtype(args, device))
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
     t = time.time()
     completions, advantages, parts_all, r_gt, fired, a_gt = [], [], [], [], [], []
@@ -618,17 +663,17 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     n_seqs, n_tokens = all_sum([len(completions), sum(map(len, completions))])
     logprobs = ddp or (lambda *a: token_logprobs(model, *a))
     mb = args.micro_batch or B
-    old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
+    old, ref, loss_total, t_fb, t_opt, skipped = {}, {}, 0.0, 0.0, 0.0, 0
     model.train()
     for epoch in range(args.ppo_epochs):
-        t = time.time()
+        t, loss_epoch = time.time(), 0.0
         for b0 in range(0, B, mb):
             b1 = min(B, b0 + mb)
             rows = slice(b0 * per, b1 * per)
             sub = select_prompts(prompts, torch.arange(b0, b1, device=device))
             last = b1 == B  # DDP averages gradients once, in the last micro-batch's backward
             with ddp.no_sync() if ddp and not last else contextlib.nullcontext():
-                with autocast(device):
+                with autocast(args, device):
                     logp, mask = logprobs(sub, completions[rows], per)
                     if args.mode == "sft":
                         per_token = -logp                                 # [N, T]
@@ -642,21 +687,52 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
                     # DDP averages over processes what must be summed: scale by their number
                     loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens) * world_size()
                 loss.backward()
-            loss_total += loss.item() / args.ppo_epochs  # this process's share, times the processes
+            loss_epoch += loss.item()  # this process's share, times the processes
         t_fb += time.time() - t
         t = time.time()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        # a non-finite loss or gradient (a diverging policy, a kernel's NaN) never reaches the
+        # weights; every process decides alike (DDP's gradients are already the same everywhere)
+        if all_sum([float(math.isfinite(loss_epoch) and math.isfinite(grad_norm))])[0] == world_size():
+            optimizer.step()
+        else:
+            skipped += 1
         optimizer.zero_grad(set_to_none=True)  # freed now, not kept through the next generation
+        loss_total += loss_epoch / args.ppo_epochs
         t_opt += time.time() - t
     return dict(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb, t_optimizer=t_opt,
-                sequences=len(completions))
+                sequences=len(completions), skipped=skipped)
 
 
-def autocast(device):
-    # fp32 master weights, bf16 compute on CUDA: AdamW's 1e-6-sized updates survive,
-    # where bf16 weights (8 mantissa bits) would round most of them away
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+# -----------------------------------------------------------------------------
+# Precision: one setting, the same code on CPU and CUDA (the tests run a GPU's arithmetic)
+
+def compute_dtype(args, device):
+    """bf16 by default on CUDA, fp32 on CPU; --precision chooses."""
+    return torch.bfloat16 if (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+
+
+def autocast(args, device):
+    """bf16 compute over fp32 master weights: AdamW's 1e-6-sized updates survive, where
+    bf16 weights (8 mantissa bits) would round most of them away. fp32: nothing to do."""
+    dtype = compute_dtype(args, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def padding_safe_attention():
+    """No attention row without a key. A left-padding position attends to nothing; SDPA
+    backends differ on such a row (0, or NaN), and a NaN there reaches every row through
+    the next layer's values. Every fully masked row is let see all keys instead: its output
+    is never used (padding is masked out of the loss, and no real token attends to it).
+    transformers 5 no longer does this itself. Registered once, for the SDPA masks."""
+    def mask(*args, **kwargs):
+        m = sdpa_mask(*args, **kwargs)                         # [B, 1, Q, K] bool, or None
+        return m if m is None else m | ~m.any(-1, keepdim=True)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mask)
+    # cuDNN's SDPA returns NaN gradients with a mask at some lengths on H100/H200
+    # (pytorch/pytorch#196678, huggingface/trl#7181): flash or memory-efficient attention
+    # run instead. A setter only, so the same line runs on CPU.
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 # -----------------------------------------------------------------------------
@@ -666,12 +742,16 @@ def evaluate(model, processor, samples, conv, args, info=None, out_dir=None):
     """Greedy, batched decoding of every held-out prompt, then its task's metrics."""
     tok, device = processor.tokenizer, model.device
     model.eval()
-    texts = []
-    for i in range(0, len(samples), args.eval_batch_size):
-        prompts = encode_prompts(processor, samples[i:i + args.eval_batch_size], conv, device)
-        with torch.no_grad(), autocast(device):
-            outputs = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True, kv_cache=args.kv_cache)
-        texts += [tok.decode(c, skip_special_tokens=True) for c in outputs]
+    texts, rows = [], min(args.eval_batch_size, len(samples))
+    for i in range(0, len(samples), rows):
+        batch = samples[i:i + rows]
+        # the last batch is filled up with its own last prompt: every batch has one shape,
+        # so a compiled decode step is not compiled again for the remainder
+        prompts = encode_prompts(processor, batch + batch[-1:] * (rows - len(batch)), conv, device)
+        with torch.no_grad(), autocast(args, device):
+            outputs = generate(model, processor, prompts, 1, args.max_new_tokens, greedy=True, kv_cache=args.kv_cache,
+                               dtype=compute_dtype(args, device))
+        texts += [tok.decode(c, skip_special_tokens=True) for c in outputs[:len(batch)]]
     return eval_metrics(samples, texts, conv, info, out_dir), texts
 
 
@@ -820,7 +900,7 @@ def load_trainer_state(path, args):
     if not os.path.isfile(file):
         die(f"--resume {path}: not a visurf checkpoint (no trainer_state.pt)")
     try:
-        state = torch.load(file, weights_only=False)
+        state = torch.load(file, map_location="cpu", weights_only=False)  # not onto the GPU it was saved from
         assert isinstance(state, dict) and {"step", "optimizer", "rng", "args"} <= set(state)
     except Exception as e:
         die(f"{file}: unreadable or incomplete ({one_line(e)})")
@@ -1033,6 +1113,7 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.precision = "bf16" if compute_dtype(args, device) == torch.bfloat16 else "fp32"
     try:  # data first: a bad file fails before a large model is loaded
         train, held, info = load_data(args)
     except data.DataError as e:
@@ -1072,7 +1153,7 @@ def main(argv=None):
     ddp = distributed_logprobs(model, device) if world > 1 else None
     metrics_path, start, kept = os.path.join(args.output_dir, "metrics.jsonl"), 0, []
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state.pop("optimizer"))  # copied to the weights' device; the CPU copy goes
         start = state["step"]
         set_rng_state(own_rng(state["rng"], rank, world, args.resume))
         kept = read_metrics(metrics_path, start) if lead else []
@@ -1093,9 +1174,10 @@ def main(argv=None):
               f"{f' x {world} processes' if world > 1 else ''} | {len(train)} training prompts, {len(held)} held "
               f"out | G {args.group_size} B {args.batch_size} lr {args.lr:g} steps {args.steps}")
 
-    def log(record):
+    def log(record):  # NaN and inf are not JSON: null
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in record.items()}) + "\n")
 
     def run_eval(step):  # on the lead process only; the others wait at their next collective
         result, _ = evaluate(model, processor, held, conv, args, info)
@@ -1107,6 +1189,9 @@ def main(argv=None):
         before = run_eval(0)
         print(f"before training: {headline(before)}")
     step, t_start = start, time.time()
+    # steps whose update was skipped (non-finite), over the whole run: a resume counts on
+    skipped = next((json.loads(l).get("skipped_steps", 0) for l in reversed(kept) if '"loss"' in l), 0)
+    in_a_row = 0
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
 
     def save():
@@ -1122,6 +1207,7 @@ def main(argv=None):
         stop.append(True)
         print("\nstopping after this step (Ctrl-C again to quit at once)", flush=True)
 
+    peak_memory_gb(device)  # CUDA: the first step's peak starts here, not at loading
     stop, previous = [], signal.getsignal(signal.SIGINT)
     if world == 1:
         signal.signal(signal.SIGINT, on_ctrl_c)
@@ -1135,13 +1221,19 @@ def main(argv=None):
             m = train_step(model, processor, optimizer, samples[rank * share:(rank + 1) * share], conv, args,
                            ref_model, ddp)
             step, rng = step + 1, rng_state()
-            m["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+            m["peak_mem_gb"] = peak_memory_gb(device)
             m = all_mean(m)
+            skipped, in_a_row = skipped + (m["skipped"] > 0), in_a_row + 1 if m["skipped"] else 0
             if lead:
-                log(dict(step=step, lr=lr, **m))
+                log(dict(step=step, lr=lr, skipped_steps=skipped, **m))
                 print(progress_line(m, step, args, eta=(time.time() - t_start) / (step - start) * (args.steps - step)),
                       flush=True)
+                if m["skipped"]:
+                    print(f"warning: step {step}: the loss or the gradient was not finite; the update was skipped "
+                          f"({skipped} so far)", flush=True)
+            if in_a_row >= DIVERGED:
+                die(f"training diverged: {DIVERGED} steps in a row were not finite (step {step}); nothing was "
+                    f"saved after the last checkpoint; lower --lr (now {args.lr:g})", code=1)
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps and lead:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
@@ -1168,6 +1260,17 @@ def main(argv=None):
     if world > 1:
         dist.destroy_process_group()
     return after
+
+
+def peak_memory_gb(device):
+    """The step's own peak on the run's device (CUDA: allocated tensors, reset after each
+    read); on CPU the process's peak resident memory, which only grows."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak / 2**30
 
 
 def progress_line(m, step, args, eta):
