@@ -1194,9 +1194,13 @@ def main(argv=None):
     in_a_row = 0
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
 
+    saved = [start] if state else []  # the steps checkpointed so far
+
     def save():
         try:
-            return save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
+            path = save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
+            saved.append(step)
+            return path
         except Exception as e:  # a full disk or quota: the last complete checkpoint is still in place
             die(f"cannot save a checkpoint in {args.output_dir} ({one_line(e)}); the last complete one is intact",
                 code=1)
@@ -1231,9 +1235,10 @@ def main(argv=None):
                 if m["skipped"]:
                     print(f"warning: step {step}: the loss or the gradient was not finite; the update was skipped "
                           f"({skipped} so far)", flush=True)
-            if in_a_row >= DIVERGED:
-                die(f"training diverged: {DIVERGED} steps in a row were not finite (step {step}); nothing was "
-                    f"saved after the last checkpoint; lower --lr (now {args.lr:g})", code=1)
+            if in_a_row >= DIVERGED:  # the weights are still those of the last good step: nothing more is saved
+                last = f"the checkpoint of step {saved[-1]} is intact" if saved else "no checkpoint was saved"
+                die(f"training diverged: steps {step - DIVERGED + 1}-{step} had a non-finite loss or gradient and were "
+                    f"skipped; {last}; try a lower --lr (now {args.lr:g})", code=1)
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps and lead:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
