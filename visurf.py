@@ -1069,6 +1069,8 @@ def prepare_output_dir(args):
     out = args.output_dir
     checkpoint = os.path.join(out, "checkpoint")
     probe = os.path.join(out, ".visurf-write-test")
+    if args.resume and not any(os.path.isdir(saved_checkpoint(args.resume) + s) for s in ("", ".tmp", ".old")):
+        die(f"--resume {args.resume}: no such checkpoint folder")  # (before its run folder is made)
     try:
         os.makedirs(out, exist_ok=True)
         lock_output_dir(out)  # before anything in it is touched: another run may be saving there
