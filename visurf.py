@@ -1154,18 +1154,22 @@ def checkpoint_note(out):
 
 
 def write_error(e, out):
-    """Why a write failed, in plain words: torch's and safetensors' wrappings of an OS error
-    (a full disk is torch's '[enforce fail at inline_container.cc:672] ... file write failed')
-    unwrapped, with the free space when the cause is not given."""
+    """Why a write failed, in plain words. torch and safetensors wrap the OS error of a full
+    disk ('[enforce fail at inline_container.cc:672] ... file write failed', 'unexpected pos
+    674880 vs 674768'), so a disk with next to nothing free is named as what it is."""
     if isinstance(e, OSError) and e.errno:
         return os.strerror(e.errno)
     text = one_line(e)
     if re.search(r"No space left|StorageFull|code: 28\b", text):
         return os.strerror(errno.ENOSPC)
-    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).strip() or "a write failed"
-    with contextlib.suppress(OSError):
-        text += f"; {shutil.disk_usage(out).free / 2**20:.0f} MiB free on its disk"
-    return text
+    try:
+        usage = shutil.disk_usage(out)
+    except OSError:
+        return text
+    if usage.free < max(256 * 2**20, usage.total // 100):
+        return f"{os.strerror(errno.ENOSPC)}: {usage.free / 2**20:.0f} MiB free"
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).strip()
+    return f"writing failed: {text}; {usage.free / 2**20:.0f} MiB free on its disk"
 
 
 def main(argv=None):
