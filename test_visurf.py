@@ -1955,7 +1955,9 @@ def test_i24_11_fifos_deep_json_and_a_folder_for_metrics_are_one_line(tmp_path, 
     assert_clean_error(rc, err, "not a regular file")
     # metrics.jsonl that is a folder: one line, whatever the command
     out = tmp_path / "run"
-    (out / "metrics.jsonl").mkdir(parents=True)
+    run_main(capsys, *tiny_argv(out, "--steps", "1"))
+    os.remove(out / "metrics.jsonl")
+    (out / "metrics.jsonl").mkdir()
     for extra in ([], ["--overwrite"], ["--resume", str(out / "checkpoint")], ["--eval"]):
         with pytest.raises(SystemExit) as e:
             run_main(capsys, *tiny_argv(out, *extra))
