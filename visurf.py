@@ -1069,8 +1069,10 @@ def prepare_output_dir(args):
     out = args.output_dir
     checkpoint = os.path.join(out, "checkpoint")
     probe = os.path.join(out, ".visurf-write-test")
-    if args.resume and not any(os.path.isdir(saved_checkpoint(args.resume) + s) for s in ("", ".tmp", ".old")):
-        die(f"--resume {args.resume}: no such checkpoint folder")  # (before its run folder is made)
+    missing = lambda: args.resume and not any(os.path.isdir(saved_checkpoint(args.resume) + s)
+                                              for s in ("", ".tmp", ".old"))
+    if not os.path.isdir(out) and missing():  # before a run folder is made for it
+        die(f"--resume {args.resume}: no such checkpoint folder")
     try:
         os.makedirs(out, exist_ok=True)
         lock_output_dir(out)  # before anything in it is touched: another run may be saving there
@@ -1089,6 +1091,8 @@ def prepare_output_dir(args):
             kind = "a folder" if os.path.isdir(p) else "a file" if os.path.isfile(p) else "not a regular file"
             die(f"{p} is {kind}, where visurf keeps its {'checkpoint folder' if folder else f + ' file'}; "
                 f"move it away or choose another --output-dir")
+    if missing():  # (a live run's checkpoint is seen only after the lock: it may be saving it)
+        die(f"--resume {args.resume}: no such checkpoint folder")
     if args.resume:
         heal_checkpoint(saved_checkpoint(args.resume))
         resume_healed(args, note=True)
