@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -170,12 +171,23 @@ def messages(sample, conv):
 
 
 def open_image(sample):
-    """RGB, EXIF orientation applied. Paths (and embedded bytes) are decoded only when needed."""
+    """RGB, EXIF orientation applied. Paths (and embedded bytes) are decoded only when needed.
+    An image that was readable at load and is not now (deleted, replaced) is a DataError
+    naming it, never an error about the output folder."""
     img = sample["image"]
     if isinstance(img, Image.Image):
         return img
-    with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
-        return to_rgb(ImageOps.exif_transpose(im))
+    name = "embedded image" if isinstance(img, bytes) else img
+    try:
+        if not isinstance(img, bytes):
+            _regular_file(img, "image")
+        with Image.open(io.BytesIO(img) if isinstance(img, bytes) else img) as im:
+            return to_rgb(ImageOps.exif_transpose(im))
+    except DataError as e:
+        raise DataError(f"{sample['id']}: {e} (it was there when the data was loaded)")
+    except Exception as e:
+        raise DataError(f"{sample['id']}: cannot read image {name} any more ({_first_line(e)}); "
+                        f"it was readable when the data was loaded")
 
 
 def to_rgb(im):
@@ -274,11 +286,44 @@ def restrict(samples, colours):
 # ----------------------------------------------------------------------------
 # Loading real data: every record is checked when loaded
 
+def _first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+def _regular_file(path, what):
+    """A path that exists and is a plain file: a FIFO would block the reader forever, a
+    device would stream without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}")
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path} ({e.strerror or e})")
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{what} path is a folder: {path}")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{what} {path} is not a regular file (a FIFO, a device or a socket)")
+
+
+def _check_processable(w, h, name):
+    """Whatever the Qwen2-VL image processor would refuse at some step, refused at load:
+    its own smart_resize makes its checks (an aspect ratio over 200 raises; the pixel
+    bounds only scale the image, so the defaults stand for any --min/--max-pixels)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    try:
+        smart_resize(h, w, factor=28, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    except Exception as e:
+        raise DataError(f"image {name} ({w}x{h}): the Qwen2-VL image processor refuses it ({_first_line(e)})")
+
+
 def _image_size(image):
     """(w, h) after EXIF rotation of a path or embedded bytes. The image is decoded once
     (at reduced scale where the format allows), so a truncated or corrupt file fails here,
-    when the data is loaded, not at some step of training; nothing is kept."""
+    when the data is loaded, not at some step of training; nothing is kept. So does an
+    image the processor would refuse."""
     name = "embedded image" if isinstance(image, bytes) else image
+    if not isinstance(image, bytes):
+        _regular_file(image, "image")
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             w, h = im.size
@@ -286,13 +331,14 @@ def _image_size(image):
                 w, h = h, w
             im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # JPEG: decode at 1/8
             im.load()
-            return w, h
     except FileNotFoundError:
         raise DataError(f"image not found: {name}")
     except IsADirectoryError:
         raise DataError(f"image path is a folder: {name}")
     except Exception as e:
-        raise DataError(f"cannot read image {name}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}")
+        raise DataError(f"cannot read image {name}: {_first_line(e)}")
+    _check_processable(w, h, name)
+    return w, h
 
 
 def _check_box(box, size):
@@ -314,6 +360,8 @@ def _read_json(path):
             return json.load(f)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
+    except RecursionError:
+        raise DataError(f"{path}: malformed JSON (nested too deeply)")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: line {getattr(e, 'lineno', '?')}: malformed JSON ({getattr(e, 'msg', e)})")
 
@@ -333,6 +381,8 @@ def _read_records(path, data=None):
                     out.append((f"{path}: line {n}", json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {n}: malformed JSON ({e.msg})")
+                except RecursionError:
+                    raise DataError(f"{path}: line {n}: malformed JSON (nested too deeply)")
         return out
     data = _read_json(path) if data is None else data
     if not isinstance(data, list):
@@ -402,7 +452,7 @@ def _parse_solution(solution, size):
     w, h = size
     to_px = lambda b: [b[0] * w / 1000, b[1] * h / 1000, b[2] * w / 1000, b[3] * h / 1000]
     boxes, _, no_objects = rewards.parse_detections(text)
-    items = len(re.findall(r"\{[^{}]*\}", text))
+    items = len(rewards.detection_items(text))
     if boxes and len(boxes) < items:  # the label must keep every box it lists
         raise DataError(f"solution {text[:80]!r}: {items - len(boxes)} of its {items} items cannot be read "
                         f"(or repeat a box)")
@@ -441,7 +491,8 @@ def _record(where, r, root, classes):
         solution, problem = _text_field(r, "solution"), _text_field(r, "problem")
         task, answer = _parse_solution(solution, s["size"])
         quoted = re.search(r"""category ['"]([^'"]{1,60})['"]""", problem)  # "...the category 'dog'..."
-        query = r.get("category") or (quoted.group(1) if quoted and task == "detection" else problem)
+        query = _text_field(r, "category") if "category" in r else \
+            quoted.group(1) if quoted and task == "detection" else problem
         s.update(task=task, answer=answer, solution=solution, problem=problem, query=str(query))
     elif "bbox" in r:  # grounding: {image, expression, bbox}
         s.update(task="grounding", answer=_check_box(r["bbox"], s["size"]), query=_text_field(r, "expression"))
@@ -481,6 +532,47 @@ def _few_shot(samples, key, shots, seed):
     return out
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Every field of a COCO/LVIS file that visurf or pycocotools reads, and what it must be
+# ('?': may be absent). Ids are integers and names text: anything else breaks the index
+# silently, or pycocotools with a traceback.
+FIELD_TYPES = {
+    "int": ("an integer", _is_int),
+    "name": ("a name", lambda v: isinstance(v, str) and bool(v.strip())),
+    "path": ("a file name", lambda v: isinstance(v, str) and bool(v.strip())),
+    "number": ("a number", _is_number),
+    "flag": ("0 or 1", lambda v: _is_int(v) and v in (0, 1)),
+    "bbox": ("four numbers [x, y, width, height]", lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v))),
+}
+COCO_FIELDS = {
+    "categories": {"id": "int", "name": "name"},
+    "images": {"id": "int", "file_name": "path?", "coco_url": "path?", "width": "number?", "height": "number?"},
+    "annotations": {"id": "int", "image_id": "int", "category_id": "int", "bbox": "bbox", "iscrowd": "flag?",
+                    "area": "number?"},
+}
+
+
+def _check_fields(x, fields):
+    """One COCO/LVIS entry: present, and of its type, field by field."""
+    required = [k for k, t in fields.items() if not t.endswith("?")]
+    if not isinstance(x, dict) or any(k not in x for k in required):
+        raise DataError(f"needs the fields {', '.join(required)}")
+    for k, t in fields.items():
+        what, ok = FIELD_TYPES[t.rstrip("?")]
+        if k in x and not ok(x[k]):
+            raise DataError(f"{k} must be {what} (got {x[k]!r:.40})")
+    if "file_name" in fields and "file_name" not in x and "coco_url" not in x:
+        raise DataError("needs a file_name (or a coco_url)")
+    return True
+
+
 def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, seed=0,
               skip_bad=False, split="train"):
     """COCO or LVIS instances JSON -> detection prompts, one per (image, category).
@@ -492,17 +584,21 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
     skipped = []
     if not (isinstance(data, dict) and {"images", "annotations", "categories"} <= set(data)):
         raise DataError(f"{path}: not a COCO/LVIS instances file (needs images, annotations, categories)")
-    for kind, keys in (("images", ("id",)), ("annotations", ("id", "image_id", "category_id", "bbox")),
-                       ("categories", ("id", "name"))):
+    bad_images = set()
+    for kind in ("categories", "images", "annotations"):
         if not isinstance(data[kind], list):
             raise DataError(f"{path}: {kind} must be a list")
+        kept = []
         for i, x in enumerate(data[kind]):
-            if not isinstance(x, dict) or any(k not in x for k in keys):
-                raise DataError(f"{path}: {kind}[{i}]: needs the fields {', '.join(keys)}")
-            for k in keys:  # ids are integers, names are text: anything else breaks the index silently
-                want = str if k == "name" else list if k == "bbox" else int
-                if not isinstance(x[k], want) or isinstance(x[k], bool) or (want is str and not x[k].strip()):
-                    raise DataError(f"{path}: {kind}[{i}]: {k} must be {'a name' if want is str else 'a list' if want is list else 'an integer'} (got {x[k]!r:.40})")
+            if _guard(f"{path}: {kind}[{i}]", lambda: _check_fields(x, COCO_FIELDS[kind]), skip_bad, skipped):
+                kept.append(x)
+            elif kind == "annotations" and isinstance(x, dict) and _is_int(x.get("image_id")):
+                bad_images.add(x["image_id"])  # its image's label would lack a box: skipped with it
+        data[kind] = kept
+    if bad_images:
+        print(f"warning: {path}: skipped image ids {sorted(bad_images)[:10]}"
+              f"{' ...' if len(bad_images) > 10 else ''} with the bad annotations")
+        data["images"] = [x for x in data["images"] if x["id"] not in bad_images]
     for kind in ("images", "categories"):
         ids = collections.Counter(x["id"] for x in data[kind])
         dup = [i for i, n in ids.items() if n > 1]
@@ -510,8 +606,7 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
             raise DataError(f"{path}: {kind}: id {dup[0]!r} appears {ids[dup[0]]} times")
     for a in data["annotations"]:  # LVIS has no iscrowd; COCOeval wants it
         a.setdefault("iscrowd", 0)
-        if isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4:
-            a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -527,7 +622,7 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
     for img_id in sorted(coco.imgs):
         info = coco.imgs[img_id]
         where = f"{path}: image id {img_id}"
-        fname = info.get("file_name") or os.path.basename(info.get("coco_url", ""))
+        fname = info.get("file_name") or os.path.basename(info["coco_url"])
 
         def check_image():
             p = os.path.join(images, fname)
@@ -535,8 +630,8 @@ def load_coco(path, data, images, categories=None, shots=None, negatives=0.0, se
             got = {}
             for a in coco.imgToAnns.get(img_id, []):
                 if a["category_id"] in cat_ids and not a.get("iscrowd"):
-                    b = a.get("bbox")
-                    xyxy = [b[0], b[1], b[0] + b[2], b[1] + b[3]] if isinstance(b, list) and len(b) == 4 else b
+                    b = a["bbox"]
+                    xyxy = [b[0], b[1], b[0] + b[2], b[1] + b[3]]
                     try:
                         got.setdefault(a["category_id"], []).append(_check_box(xyxy, size))
                     except DataError as e:
@@ -583,6 +678,8 @@ def load(path, images=None, categories=None, shots=None, negatives=0.0, seed=0, 
     """Any supported dataset -> (samples, info). `info` has task, classes, coco, category_ids."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
+    if not (os.path.isdir(path) or os.path.isfile(path)):  # a FIFO would block the reader forever
+        raise DataError(f"{path}: not a regular file or folder (a FIFO, a device or a socket)")
     if is_hf_dataset(path):
         records, classes = _read_hf(path), None
         root = images or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))

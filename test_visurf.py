@@ -1804,7 +1804,8 @@ def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
         rc, out, err = cli(*tiny_argv(disk / "run", "--steps", "4", "--save-every", "1", "--eval-limit", "1"))
         assert rc == 1 and "Traceback" not in err, err
         assert err.strip().startswith("error: cannot") and len(err.strip().splitlines()) == 1, err
-        assert "intact" in err
+        assert "intact" in err and "No space left on device" in err and "enforce fail" not in err, err
+        assert sorted(os.listdir(disk / "run")) == ["checkpoint", "metrics.jsonl"]  # no checkpoint.tmp left
         state = torch.load(disk / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
         assert state["step"] >= 1
     finally:
@@ -2028,3 +2029,320 @@ def test_compare_modes_runner_writes_table_and_plot(tmp_path):
     assert d["diffs"] == [pytest.approx(runs["sft"]["retained"] - start["retained"])] and d["beyond_2se"] is None
     d = rows[("4 ViSurf vs SFT", "in_dist", "visurf", "sft")]
     assert d["diffs"] == [pytest.approx(runs["visurf"]["in_dist"] - runs["sft"]["in_dist"])]
+
+
+# =============================================================================
+# Issue 24: nothing lost, nothing silent (round three), one test per class of failure
+
+def test_i24_4_a_perfect_answer_of_any_size_earns_the_full_reward(tmp_path):
+    """No cap on a label's boxes: a 150-box Visual-RFT solution loads whole and its label scores 1.0, as
+    does a 150-box COCO image's; an item with a nested extra key is a box; 'Confidence': 90% is unreadable."""
+    boxes = [[(i % 15) * 60 + 5, (i // 15) * 90 + 5, (i % 15) * 60 + 50, (i // 15) * 90 + 80] for i in range(150)]
+    solution = "<answer>[" + ", ".join(f"{{'Position': {b}, 'Confidence': 1}}" for b in boxes) + "]</answer>"
+    Image.new("RGB", (1000, 1000)).save(tmp_path / "a.png")
+    (tmp_path / "r.json").write_text(json.dumps([{"image": "a.png", "problem": VRFT_DETECT.format(c="dot"),
+                                                  "solution": solution}]))
+    (s,), _ = data.load(str(tmp_path / "r.json"))
+    assert len(s["answer"]) == 150
+    answer = data.model_answer(s, Q2)
+    assert rewards.score("detection", data.gt_completion(s, Q2), answer)["iou"] == 1.0
+    assert rewards.score("detection", solution, answer) == {"think": 0.0, "iou": 1.0, "confidence": 1.0}
+    # COCO: 150 boxes of one category on one image
+    def many(d):
+        d["annotations"] = [{"id": 1000 + i, "image_id": 1, "category_id": 1, "bbox": [x1 / 20, y1 / 20, 2, 3]}
+                            for i, (x1, y1, _, _) in enumerate(boxes)]
+    path = write_coco(str(tmp_path / "coco"), n_images=1, bad=many)
+    (s,), _ = data.load(path, str(tmp_path / "coco" / "images"))
+    assert len(s["answer"]) == 150
+    for conv in (Q2, Q25):
+        parts = rewards.score("detection", data.gt_completion(s, conv), data.model_answer(s, conv))
+        assert parts["iou"] == 1.0 and parts["confidence"] == 1.0
+    # Visual-RFT's reading of an item: an extra key holding an object leaves it a box ...
+    nested = det("[{'Position': [0, 0, 10, 10], 'Meta': {'id': 3, 'Confidence': 0.1}, 'Confidence': 0.9}]")
+    assert rewards.score("detection", nested, [[0, 0, 10, 10]]) == {"think": 1.0, "iou": 1.0, "confidence": 0.9}
+    # ... and a confidence that is not a number earns nothing (its json.loads fails); a missing one is neutral
+    for conf in ("90%", "high", "0.9x", ""):
+        text = det("[{'Position': [0, 0, 10, 10], 'Confidence': %s}]" % conf)
+        assert rewards.score("detection", text, [[0, 0, 10, 10]])["iou"] == 0.0, conf
+    assert rewards.score("detection", det("[{'Position': [0, 0, 10, 10]}]"), [[0, 0, 10, 10]])["confidence"] == 0.5
+    # the bound is on a runaway completion's work, not on real labels: 20,000 distinct near-misses stay fast
+    flood = det(", ".join(f'{{"Position": [0, 0, {10 + i / 1000}, 10]}}' for i in range(20000)))
+    t = time.time()
+    r = rewards.score("detection", flood, boxes)
+    assert time.time() - t < 30 and 0 <= r["iou"] < 0.01  # (about 1 s; the bound only guards a hang)
+
+
+def test_i24_2_an_image_the_processor_refuses_is_refused_at_load(tmp_path, capsys):
+    """A 300x1 image (aspect ratio over 200) fails at load naming the file, --skip-bad skips it,
+    and --overwrite keeps the old run when the new one's data fails."""
+    Image.new("RGB", (300, 1)).save(tmp_path / "thin.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "thin.png", "label": "a"}) + "\n"
+                                      + json.dumps({"image": "ok.png", "label": "b"}) + "\n")
+    with pytest.raises(data.DataError, match=r"r.jsonl: line 1: image .*thin.png \(300x1\): the Qwen2-VL image "
+                                             r"processor refuses it \(absolute aspect ratio"):
+        data.load(str(tmp_path / "r.jsonl"))
+    samples, info = data.load(str(tmp_path / "r.jsonl"), skip_bad=True)
+    assert [s["answer"] for s in samples] == ["b"] and info["skipped"] == 1
+    # every image that passes the load check goes through the processor
+    for w, h in [(200, 1), (1, 200), (3, 599), (1, 1), (5000, 26)]:
+        Image.new("RGB", (w, h)).save(tmp_path / "x.png")
+        data.load(str(tmp_path / "r.jsonl"), skip_bad=True)  # (the loader's own check, on every size)
+        try:
+            data._image_size(str(tmp_path / "x.png"))
+        except data.DataError:
+            continue
+        visurf.Qwen2VLImageProcessorPil()(images=[data.open_image({"image": str(tmp_path / "x.png")})])
+    # --overwrite deletes nothing until the data (and model) have loaded
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "1"))
+    before = sorted(os.listdir(out)), (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        run_main(capsys, *tiny_argv(out, "--overwrite", "--data", str(tmp_path / "r.jsonl")))
+    assert e.value.code == 2 and "thin.png" in capsys.readouterr().err
+    assert (sorted(os.listdir(out)), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_i24_3_every_coco_field_is_type_checked_and_skip_bad_skips_it(tmp_path):
+    cases = [("strbox", lambda d: d["annotations"][0].update(bbox=["5", "5", "20", "20"]), r"annotations\[0\]: bbox must be four numbers"),
+             ("nullbox", lambda d: d["annotations"][1].update(bbox=[4, None, 20, 16]), r"annotations\[1\]: bbox must be four numbers"),
+             ("intname", lambda d: d["images"][2].update(file_name=123), r"images\[2\]: file_name must be a file name"),
+             ("crowd", lambda d: d["annotations"][3].update(iscrowd="no"), r"annotations\[3\]: iscrowd must be 0 or 1"),
+             ("area", lambda d: d["annotations"][4].update(area=None), r"annotations\[4\]: area must be a number"),
+             ("width", lambda d: d["images"][0].update(width="64"), r"images\[0\]: width must be a number"),
+             ("nofile", lambda d: d["images"][1].pop("file_name"), r"images\[1\]: needs a file_name")]
+    for name, bad, problem in cases:
+        path = write_coco(str(tmp_path / name), bad=bad)
+        imgs = str(tmp_path / name / "images")
+        with pytest.raises(data.DataError, match=re.escape(path) + ": " + problem):
+            data.load(path, imgs)
+        samples, info = data.load(path, imgs, skip_bad=True)  # the bad record's image goes, the rest stays
+        assert info["skipped"] == 1 and len({s["image_id"] for s in samples}) == 5, name
+    # the other formats: a Visual-RFT record's category of the wrong type
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "v.json").write_text(json.dumps([{"image": "ok.png", "problem": "Which?", "solution": "<answer>a</answer>",
+                                                  "category": {"x": 1}}]))
+    with pytest.raises(data.DataError, match=r"v.json: record 0: 'category' must be a non-empty string"):
+        data.load(str(tmp_path / "v.json"))
+
+
+def test_i24_11_fifos_deep_json_and_a_folder_for_metrics_are_one_line(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.mkfifo(tmp_path / "fifo.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"image": "fifo.png", "label": "a"}) + "\n"
+                                      + json.dumps({"image": "ok.png", "label": "b"}) + "\n")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep.jsonl").write_text(json.dumps({"image": "ok.png", "label": "b"}) + "\n" + "[" * 100_000 + "\n")
+    for path, problem in [("fifo.jsonl", "not a regular file or folder"), ("r.jsonl", "line 1: image .*fifo.png is not a regular file"),
+                          ("deep.json", "malformed JSON \\(nested too deeply\\)"), ("deep.jsonl", "line 2: malformed JSON \\(nested too deeply\\)")]:
+        with pytest.raises(data.DataError, match=problem):
+            data.load(str(tmp_path / path))
+    assert len(data.load(str(tmp_path / "r.jsonl"), skip_bad=True)[0]) == 1
+    # through the command line: one line each, no hang
+    rc, _, err = cli("--data", str(tmp_path / "fifo.jsonl"), "--output-dir", str(tmp_path / "o1"))
+    assert_clean_error(rc, err, "not a regular file")
+    # metrics.jsonl that is a folder: one line, whatever the command
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "1"))
+    os.remove(out / "metrics.jsonl")
+    (out / "metrics.jsonl").mkdir()
+    for extra in ([], ["--overwrite"], ["--resume", str(out / "checkpoint")], ["--eval"]):
+        with pytest.raises(SystemExit) as e:
+            run_main(capsys, *tiny_argv(out, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "metrics.jsonl is a folder" in err, (extra, err)
+
+
+def visurf_process(*argv):
+    """visurf.py in a subprocess we can signal; -> the Popen, once it has printed its first step."""
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "visurf.py"), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("step 1/"):
+            return p
+    pytest.fail(p.stderr.read())
+
+
+def test_i24_1_a_live_run_owns_its_output_dir(tmp_path, capsys):
+    """A second run, resume or evaluation into a live run's folder is refused in one line; the
+    lock dies with its process, so after a SIGKILL the folder is free again."""
+    out = tmp_path / "run"
+    p = visurf_process(*tiny_argv(out, "--steps", "5000", "--save-every", "1"))
+    try:
+        for extra in ([], ["--overwrite"], ["--resume", str(out / "checkpoint")], ["--eval"]):
+            with pytest.raises(SystemExit) as e:
+                run_main(capsys, *tiny_argv(out, *extra))
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+            assert "is in use by another visurf run" in err, (extra, err)
+    finally:
+        p.kill()
+        p.communicate()
+    assert not os.path.exists(out / ".visurf-write-test")
+    run_main(capsys, *tiny_argv(out, "--steps", "1", "--overwrite"))  # a killed run holds nothing
+    assert [m["step"] for m in step_metrics(out)] == [1]
+
+
+def write_image_records(root, n=2):
+    for i in range(n):
+        Image.new("RGB", (56, 56), (40 * i, 200, 60)).save(os.path.join(root, f"{i}.png"))
+    path = os.path.join(root, "r.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"image": f"{i}.png", "label": f"c{i}"}) + "\n" for i in range(n))
+    return path
+
+
+def test_i24_6_messages_tell_the_truth(tmp_path, capsys, monkeypatch):
+    records = write_image_records(str(tmp_path))
+    real_step = visurf.train_step
+    for save_every, note in [("100", "no checkpoint had been saved yet"), ("1", "the last complete checkpoint is intact")]:
+        calls = []
+        def step_then_delete(*a, **kw):  # the images vanish after the first step
+            calls.append(1)
+            if len(calls) == 2:
+                for i in range(2):
+                    os.remove(tmp_path / f"{i}.png")
+            return real_step(*a, **kw)
+        monkeypatch.setattr(visurf, "train_step", step_then_delete)
+        out = tmp_path / f"run{save_every}"
+        with pytest.raises(SystemExit) as e:
+            run_main(capsys, *tiny_argv(out, "--data", str(records), "--save-every", save_every))
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert "image not found" in err and ".png (it was there when the data was loaded)" in err, err
+        assert note in err and "cannot write" not in err, err
+        write_image_records(str(tmp_path))
+    monkeypatch.setattr(visurf, "train_step", real_step)
+    # a first save that fails does not claim an earlier checkpoint; torch's full-disk error is unwrapped
+    for exc, needles in [(OSError(28, "No space left on device"), ["No space left on device"]),
+                         (RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                                       "file data/0: file write failed"), ["file write failed", "MiB free"])]:
+        def full(*a, **kw):
+            raise exc
+        monkeypatch.setattr(visurf.torch, "save", full)
+        with pytest.raises(SystemExit) as e:
+            run_main(capsys, *tiny_argv(tmp_path / "full", "--overwrite"))
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert all(n in err for n in needles) and "no checkpoint had been saved yet" in err, err
+        assert "intact" not in err and "enforce fail" not in err, err
+
+
+def test_i24_8_a_failed_save_or_write_test_cleans_up_and_the_resume_works(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save, saves = visurf.torch.save, []
+    def full(obj, f, *a, **kw):
+        saves.append(f)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(visurf.torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        run_main(capsys, *tiny_argv(out))
+    assert e.value.code == 1
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]  # no checkpoint.tmp holding the space
+    monkeypatch.undo()
+    # the resume's own write test on a still-full disk: refused in one line, and nothing left behind
+    real_open = open
+    def full_open(path, *a, **kw):
+        if str(path).endswith(".visurf-write-test"):
+            real_open(path, *a, **kw).close()
+            raise OSError(28, "No space left on device")
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(visurf, "open", full_open, raising=False)
+    resume = tiny_argv(out, "--resume", str(out / "checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        run_main(capsys, *resume)
+    assert e.value.code == 2 and "cannot write there (No space left on device)" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    monkeypatch.undo()  # space freed: the same command resumes
+    run_main(capsys, *resume)
+    assert [m["step"] for m in step_metrics(out)] == [1, 2, 3]
+
+
+def test_i24_7_interrupts_anywhere_are_one_line_and_leave_nothing_in_the_way(tmp_path, capsys, monkeypatch):
+    import signal
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+    argv = tiny_argv(tmp_path / "run", "--steps", "1")
+    for where, command in [("load_model", argv), ("evaluate", argv),  # loading, the before-training evaluation
+                           ("evaluate", ["--eval", "--eval-limit", "2", "--output-dir", str(tmp_path / "ev")])]:
+        with monkeypatch.context() as m:
+            m.setattr(visurf, where, interrupt)
+            with pytest.raises(SystemExit) as e:
+                run_main(capsys, *command)
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, (where, err)
+        run_main(capsys, *command)  # the same command runs again, nothing in its way
+        if command is argv:
+            os.rename(tmp_path / "run", tmp_path / f"done-{time.time()}")
+    # Ctrl-C while torch loads, in a real process: one line, status 130
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "visurf.py"), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # SIGTERM (a scheduler's) during training saves at the step's end, as Ctrl-C does
+    out = tmp_path / "term"
+    p = visurf_process(*tiny_argv(out, "--steps", "5000", "--save-every", "1000"))
+    p.send_signal(signal.SIGTERM)
+    printed, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    step = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    assert f"interrupted: saved step {step}" in printed and step >= 1
+    run_main(capsys, *tiny_argv(out, "--steps", str(step + 1), "--save-every", "1000", "--resume", str(out / "checkpoint")))
+    assert [m["step"] for m in step_metrics(out)] == list(range(1, step + 2))
+
+
+def test_i24_9_model_paths_and_an_unreachable_hub_answer_at_once(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    for name, needle in [(str(tmp_path / "runs" / "checkpoint"), "no such folder"), ("./runs/ckpt", "no such folder"),
+                         (str(tmp_path / "runs" / "x" / "y"), "no such folder")]:
+        with pytest.raises(SystemExit) as e:
+            visurf.main(["--model", name, "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    # a hub id (or a path that might be one) with the hub unreachable: one line, no retries
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    rc, _, err = cli("--model", "someone/some-model", "--output-dir", str(tmp_path / "o"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "hub cannot be reached" in err and "--model DIR" in err, err
+    monkeypatch.undo()
+    # a checkpoint folder without its tokenizer files: refused at load, naming what is missing
+    run_main(capsys, *tiny_argv(tmp_path / "run", "--steps", "1"))
+    import shutil
+    ck = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run" / "checkpoint", ck)
+    os.remove(ck / "tokenizer.json")
+    with pytest.raises(SystemExit) as e:
+        visurf.main(["--eval", "--model", str(ck), "--output-dir", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "no tokenizer files" in err, err
+
+
+def test_i24_10_resume_continues_in_the_checkpoints_own_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    run_main(capsys, *tiny_argv(out, "--steps", "2"))
+    no_out = lambda *extra: [a for a in tiny_argv(out, *extra) if a not in ("--output-dir", str(out))]
+    run_main(capsys, *no_out("--resume", str(out / "checkpoint")))
+    assert [m["step"] for m in step_metrics(out)] == [1, 2, 3] and not (tmp_path / "runs").exists()
+    # a kill mid-swap left only checkpoint.old: resuming it resumes the healed checkpoint
+    os.rename(out / "checkpoint", out / "checkpoint.old")
+    _, printed = run_main(capsys, *no_out("--steps", "4", "--resume", str(out / "checkpoint.old")))
+    assert "resuming from" in printed.out
+    assert [m["step"] for m in step_metrics(out)] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+
+
+def test_i24_12_torchrun_refusals_are_one_line_each_from_the_lead(tmp_path):
+    base = ["--steps", "1", "--group-size", "2", "--shots", "1", "--eval-limit", "2"]
+    for extra, needle in [(["--batch-size", "3"], "--batch-size (3) must be a multiple of the 2 processes"),
+                          (["--batch-size", "2", "--eval"], "--eval runs in one process")]:
+        p = torchrun(os.path.join(HERE, "visurf.py"), *base, *extra, "--output-dir", str(tmp_path / "o"))
+        errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+        assert p.returncode != 0 and len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
+        assert "visurf.py\", line" not in p.stderr and not (tmp_path / "o").exists(), p.stderr[-3000:]

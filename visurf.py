@@ -32,17 +32,24 @@ import argparse
 import contextlib
 import copy
 import datetime
+import errno
 import io
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 
+try:
+    import fcntl
+except ImportError:  # not Unix: no folder lock
+    fcntl = None
 import numpy as np
 
 import data
@@ -131,7 +138,8 @@ def parse_args(argv=None):
                    help="decoding's key/value cache: dynamic (grows), static (preallocated, reused), compiled "
                    "(static, and transformers compiles the decode step); auto: static on CUDA, else dynamic")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/default", help="metrics.jsonl, checkpoint/, eval.json")
+    g.add_argument("--output-dir", help="metrics.jsonl, checkpoint/, eval.json (default: runs/default; with "
+                   "--resume, the checkpoint's own run folder)")
     g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default: 100)")
     g.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations; 0: before and after only")
     g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy batch (default: 16)")
@@ -142,7 +150,9 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
 
-    tiny = is_tiny(args.model) or bool(args.resume and is_tiny(args.resume))  # the checkpoint carries the mark too
+    # the checkpoint carries the mark too (or, after a kill mid-save, the copy heal_checkpoint will take)
+    tiny = is_tiny(args.model) or bool(args.resume) and any(
+        is_tiny(saved_checkpoint(args.resume) + s) for s in ("", ".tmp", ".old"))
     for k, v in (TINY_DEFAULTS if tiny else REAL_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -185,7 +195,18 @@ def parse_args(argv=None):
         die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
     if args.eval_images and not args.eval_data:
         die("--eval-images goes with --eval-data")
+    if args.output_dir is None:  # a resumed run continues in its own folder, not in a second one
+        args.output_dir = (os.path.dirname(saved_checkpoint(args.resume)) or ".") if args.resume else "runs/default"
     return args
+
+
+def saved_checkpoint(path):
+    """The checkpoint folder `path` names. OUT/checkpoint.old and OUT/checkpoint.tmp are
+    what a kill in the middle of a save leaves: heal_checkpoint makes one OUT/checkpoint."""
+    path = path.rstrip("/" + os.sep) or path
+    if os.path.basename(path) in ("checkpoint.old", "checkpoint.tmp"):
+        return path[:-4]
+    return path
 
 
 def is_tiny(model):
@@ -202,6 +223,8 @@ def is_tiny(model):
 
 if __name__ == "__main__":
     parse_args()  # exits here on --help or a bad flag
+    # Ctrl-C while torch and transformers load (seconds): one line, not an import's traceback
+    signal.signal(signal.SIGINT, lambda *_: die("interrupted; nothing was written", code=130))
 
 import torch  # noqa: E402  (after the flags, on purpose)
 import torch.distributed as dist  # noqa: E402
@@ -218,6 +241,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor  # noqa: E402
 from transformers.utils import cached_file  # noqa: E402
+import huggingface_hub  # noqa: E402
 
 
 # -----------------------------------------------------------------------------
@@ -363,13 +387,14 @@ def load_model(name, args):
         improc = Qwen2VLImageProcessorPil(**pixels)
         templates = [tok.chat_template]
     else:
+        cached = dict(local_files_only=model_source(name))  # the hub unreachable: the cache only, no retries
         try:
-            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(name)
-            improc = Qwen2VLImageProcessorPil.from_pretrained(name, **pixels)
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32, **cached)
+            tok = AutoTokenizer.from_pretrained(name, **cached)
+            improc = Qwen2VLImageProcessorPil.from_pretrained(name, **pixels, **cached)
             # the processor's chat_template.json first: early Qwen2.5-VL releases (and
             # fine-tunes saved from them) carry a text-only template in tokenizer_config.json
-            path = cached_file(name, "chat_template.json", _raise_exceptions_for_missing_entries=False)
+            path = cached_file(name, "chat_template.json", _raise_exceptions_for_missing_entries=False, **cached)
             templates = [json.load(open(path))["chat_template"] if path else None, tok.chat_template]
         except Exception as e:  # a missing, partial or corrupt checkpoint: one line, no traceback
             die(f"cannot load model {name!r}: {one_line(e)}")
@@ -384,6 +409,46 @@ def load_model(name, args):
     # greedy decoding as evaluated here, and it is what checkpoints save for plain generate().
     model.generation_config = generation_config(tok, args.max_new_tokens, greedy=True)
     return model, processor, data.Convention(family, args.min_pixels, args.max_pixels)
+
+
+# what a model folder needs, each as the files any one of which will do
+MODEL_FILES = {"config.json": [["config.json"]],
+               "tokenizer files (tokenizer.json, or vocab.json and merges.txt)":
+                   [["tokenizer.json"], ["vocab.json", "merges.txt"], ["tokenizer.model"]],
+               "preprocessor_config.json": [["preprocessor_config.json"]]}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def model_source(name):
+    """Check --model before transformers reads it (which takes a mistyped path for a hub id
+    and retries an unreachable hub for half a minute): a folder must hold what loading
+    needs; anything else must look like a hub id and be either on a hub that answers now
+    or in the local cache. One line at once otherwise. -> whether to load from the cache only."""
+    if os.path.isdir(name):
+        missing = [what for what, options in MODEL_FILES.items()
+                   if not any(all(os.path.isfile(os.path.join(name, f)) for f in files) for files in options)]
+        if missing:
+            die(f"{name}: not a complete model folder: no {', no '.join(missing)} "
+                f"(copy what is missing from the model it was trained from)")
+        return False
+    if os.path.exists(name):
+        die(f"--model {name}: a file, not a model folder")
+    parent = os.path.dirname(name)
+    if (not HUB_ID.fullmatch(name) or name.startswith(".") or (parent and os.path.isdir(parent))
+            or os.sep != "/" and os.sep in name):
+        die(f"--model {name}: no such folder")
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+        return False
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        die(f"--model {name}: no such folder here, and no such model on the Hugging Face hub")
+    except huggingface_hub.errors.HfHubHTTPError:
+        return False  # gated, private, ...: from_pretrained says what it needs
+    except Exception as e:  # no network, a proxy, HF_HUB_OFFLINE: the cache or nothing
+        if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+            return True
+        die(f"--model {name}: no such folder here, and the Hugging Face hub cannot be reached ({one_line(e)}); "
+            f"download the model where there is a network (hf download {name} --local-dir DIR) and pass --model DIR")
 
 
 def vision_template(templates, tok, name):
@@ -858,27 +923,32 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
     tmp, old = path + ".tmp", path + ".old"
     if not lead:  # under torchrun, one process writes
         return path
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.tokenizer.save_pretrained(tmp)
-    processor.image_processor.save_pretrained(tmp)
-    with open(os.path.join(tmp, "chat_template.json"), "w") as f:  # what a processor reads
-        json.dump({"chat_template": processor.chat_template}, f)
-    config = os.path.join(tmp, "preprocessor_config.json")
-    with open(config) as f:
-        pre = json.load(f)
-    with open(config, "w") as f:  # AutoProcessor reads the processor class from here
-        json.dump(dict(pre, processor_class="Qwen2_5_VLProcessor" if model.config.model_type == "qwen2_5_vl"
-                       else "Qwen2VLProcessor"), f, indent=1)
-    # the trainer state last, and by a rename: its presence marks a complete checkpoint
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args)},
-               os.path.join(tmp, "trainer_state.pt.part"))
-    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(old, ignore_errors=True)  # left by a kill during the last clean-up
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.tokenizer.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "chat_template.json"), "w") as f:  # what a processor reads
+            json.dump({"chat_template": processor.chat_template}, f)
+        config = os.path.join(tmp, "preprocessor_config.json")
+        with open(config) as f:
+            pre = json.load(f)
+        with open(config, "w") as f:  # AutoProcessor reads the processor class from here
+            json.dump(dict(pre, processor_class="Qwen2_5_VLProcessor" if model.config.model_type == "qwen2_5_vl"
+                           else "Qwen2VLProcessor"), f, indent=1)
+        # the trainer state last, and by a rename: its presence marks a complete checkpoint
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args)},
+                   os.path.join(tmp, "trainer_state.pt.part"))
+        os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during the last clean-up
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception:  # a full disk, a quota: no half-written checkpoint.tmp is left to fill it
+        with contextlib.suppress(OSError):
+            heal_checkpoint(path)  # (and a failure inside the swap still leaves one complete checkpoint)
+        raise
     return path
 
 
@@ -926,7 +996,7 @@ def read_metrics(path, upto):
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n < len(lines):
                 die(f"{path}: line {n} is not JSON; fix or remove it before resuming")
             print(f"warning: {path}: dropped a half-written last line")
@@ -959,6 +1029,20 @@ class PolicyLogProbs(torch.nn.Module):
 
     def forward(self, prompts, completions, per_prompt):
         return token_logprobs(self.model, prompts, completions, per_prompt)
+
+
+def check_processes(args):
+    """Under torchrun, what one process cannot share, refused before any process group
+    forms: one line, each condition its own, from the lead; the others exit as quietly,
+    with the same status (torchrun then adds its own summary of the failed processes)."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    problem = ("--eval runs in one process: start it with python, not torchrun" if world > 1 and args.eval else
+               f"--batch-size ({args.batch_size}) must be a multiple of the {world} processes under torchrun"
+               if world > 1 and args.batch_size % world else None)
+    if problem:
+        if os.environ.get("RANK") == "0":
+            die(problem)
+        sys.exit(2)
 
 
 def init_distributed(args):
@@ -1060,25 +1144,46 @@ RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", 
 
 
 def prepare_output_dir(args):
-    """Writable, healed after a kill mid-save, and never clobbered by re-running a command."""
+    """Owned by this run (locked), writable, healed after a kill mid-save, and never
+    clobbered by re-running a command."""
     out = args.output_dir
+    checkpoint = os.path.join(out, "checkpoint")
+    probe = os.path.join(out, ".visurf-write-test")
+    missing = lambda: args.resume and not any(os.path.isdir(saved_checkpoint(args.resume) + s)
+                                              for s in ("", ".tmp", ".old"))
+    if not os.path.isdir(out) and missing():  # before a run folder is made for it
+        die(f"--resume {args.resume}: no such checkpoint folder")
     try:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, ".visurf-write-test"), "w") as f:
-            f.write("ok")
-        os.remove(os.path.join(out, ".visurf-write-test"))
+        lock_output_dir(out)  # before anything in it is touched: another run may be saving there
+        heal_checkpoint(checkpoint)  # (a partial checkpoint.tmp goes first: its space is free for the test)
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+        finally:  # a write test that failed (a full disk) leaves nothing either
+            with contextlib.suppress(OSError):
+                os.remove(probe)
     except OSError as e:
         die(f"--output-dir {out}: cannot write there ({e.strerror or e})")
-    checkpoint = os.path.join(out, "checkpoint")
-    heal_checkpoint(checkpoint)
+    for f in RUN_FILES[:1] + RUN_FILES[3:]:  # what a run writes must be what it finds there
+        p, folder = os.path.join(out, f), f == "checkpoint"
+        if os.path.lexists(p) and not (os.path.isdir(p) if folder else os.path.isfile(p)):
+            kind = "a folder" if os.path.isdir(p) else "a file" if os.path.isfile(p) else "not a regular file"
+            die(f"{p} is {kind}, where visurf keeps its {'checkpoint folder' if folder else f + ' file'}; "
+                f"move it away or choose another --output-dir")
+    if missing():  # (a live run's checkpoint is seen only after the lock: it may be saving it)
+        die(f"--resume {args.resume}: no such checkpoint folder")
     if args.resume:
-        heal_checkpoint(args.resume.rstrip("/"))
+        heal_checkpoint(saved_checkpoint(args.resume))
+        resume_healed(args, note=True)
     if args.eval:  # an evaluation writes eval.json and predictions: never over an earlier one
         held = [f for f in ("eval.json", "predictions.jsonl") if os.path.exists(os.path.join(out, f))]
         if held and not args.overwrite:
             die(f"{out} already holds an evaluation ({', '.join(held)}); choose another --output-dir or pass --overwrite")
         return
-    held = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
+    # an empty metrics.jsonl is no run: what an error or Ctrl-C before the first line leaves
+    held = [f for f in ("checkpoint", "metrics.jsonl") if os.path.exists(os.path.join(out, f))
+            and not (f == "metrics.jsonl" and os.path.getsize(os.path.join(out, f)) == 0)]
     own = args.resume and os.path.realpath(args.resume.rstrip("/")) == os.path.realpath(checkpoint)
     if held and args.resume and not own:  # continuing run A into run B's folder would mix them
         die(f"{out} holds another run ({', '.join(held)}); resume {args.resume} into its own folder "
@@ -1088,7 +1193,86 @@ def prepare_output_dir(args):
         die(f"{out} already holds a run ({', '.join(held)}); {hint}choose another --output-dir, or pass --overwrite")
 
 
+def resume_healed(args, note=False):
+    """--resume OUT/checkpoint.old (or .tmp), once healed, is OUT/checkpoint: resume from that."""
+    healed = saved_checkpoint(args.resume)
+    if healed != args.resume.rstrip("/" + os.sep) and os.path.isdir(healed):
+        if note:
+            print(f"resuming from {healed}: the checkpoint that {args.resume} was left for by an interrupted save")
+        args.resume = healed
+
+
+LOCKS = []  # the open folders this process holds locked
+
+
+def lock_output_dir(out):
+    """A live run owns its --output-dir: an exclusive flock on the folder itself, which the
+    kernel drops when the process ends however it ends, so a killed run's leftover holds
+    nothing (and there is no lock file to leave)."""
+    if fcntl is None:
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"--output-dir {out} is in use by another visurf run that is still running; "
+            f"wait for it to end, or choose another --output-dir")
+    except OSError:  # a filesystem without locks (some network mounts): run unlocked
+        os.close(fd)
+        return
+    LOCKS.append(fd)
+
+
+def release_output_dirs():
+    while LOCKS:
+        os.close(LOCKS.pop())
+
+
+def checkpoint_note(out):
+    """What is true of the run's saved state, for an error message."""
+    path = os.path.join(out, "checkpoint")
+    if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        return f"the last complete checkpoint is intact: continue with --resume {path}"
+    return "no checkpoint had been saved yet"
+
+
+def write_error(e, out):
+    """Why a write failed, in plain words. torch and safetensors wrap the OS error of a full
+    disk ('[enforce fail at inline_container.cc:672] ... file write failed', 'unexpected pos
+    674880 vs 674768'), so a disk with next to nothing free is named as what it is."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    text = one_line(e)
+    if re.search(r"No space left|StorageFull|code: 28\b", text):
+        return os.strerror(errno.ENOSPC)
+    try:
+        usage = shutil.disk_usage(out)
+    except OSError:
+        return text
+    if usage.free < max(256 * 2**20, usage.total // 100):
+        return f"{os.strerror(errno.ENOSPC)}: {usage.free / 2**20:.0f} MiB free"
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", text).strip()
+    return f"writing failed: {text}; {usage.free / 2**20:.0f} MiB free on its disk"
+
+
 def main(argv=None):
+    """The command, and what it promises however it ends: Ctrl-C anywhere is one line and
+    exit status 130, an image that became unreadable is one line, and the output folder is
+    released (a lock the kernel would drop at exit anyway; here for callers in-process)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the loading's handler, undone
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        die("interrupted; nothing half-written is left, and the same command runs again", code=130)
+    except data.DataError as e:  # an image deleted or changed after the data was loaded
+        die(str(e), code=1)
+    finally:
+        release_output_dirs()
+
+
+def run(argv=None):
     args = parse_args(argv)
     if args.device:  # checked before anything is loaded
         try:
@@ -1099,14 +1283,14 @@ def main(argv=None):
             die(f"--device {args.device}: no such CUDA device here")
         if device.type not in ("cpu", "cuda"):
             die(f"--device {args.device}: visurf runs on cpu or cuda")
+    check_processes(args)  # before any process group: one line from the lead, the others quiet
     rank, world = init_distributed(args)  # (0, 1) unless started by torchrun
     lead = rank == 0  # the one process that prints, writes metrics and saves
-    if world > 1 and (args.eval or args.batch_size % world):
-        die(f"under torchrun, --batch-size ({args.batch_size}) must be a multiple of the {world} processes, "
-            f"and --eval runs in one process")
     if lead:
         prepare_output_dir(args)
     barrier()
+    if args.resume:
+        resume_healed(args)  # the other processes follow the lead's healing
     state = load_trainer_state(args.resume, args) if args.resume else None
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
@@ -1194,27 +1378,26 @@ def main(argv=None):
     in_a_row = 0
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
 
-    saved = [start] if state else []  # the steps checkpointed so far
-
     def save():
         try:
-            path = save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
-            saved.append(step)
-            return path
-        except Exception as e:  # a full disk or quota: the last complete checkpoint is still in place
-            die(f"cannot save a checkpoint in {args.output_dir} ({one_line(e)}); the last complete one is intact",
-                code=1)
+            return save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
+        except Exception as e:  # a full disk or quota: what was saved before is still in place
+            die(f"cannot save a checkpoint in {args.output_dir} ({write_error(e, args.output_dir)}); "
+                f"{checkpoint_note(args.output_dir)}", code=1)
 
-    def on_ctrl_c(*_):  # stop at the end of the step, so a checkpoint never holds half of one
+    def on_ctrl_c(signum=signal.SIGINT, *_):  # stop at the end of the step, so a checkpoint never holds half of one
         if stop:
-            die("interrupted twice: stopped without saving; resume from the last checkpoint", code=130)
-        stop.append(True)
-        print("\nstopping after this step (Ctrl-C again to quit at once)", flush=True)
+            die("interrupted twice: stopped without saving; resume from the last checkpoint", code=128 + signum)
+        stop.append(signum)
+        print(f"\nstopping after this step ({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} again to quit "
+              f"at once)", flush=True)
 
     peak_memory_gb(device)  # CUDA: the first step's peak starts here, not at loading
-    stop, previous = [], signal.getsignal(signal.SIGINT)
+    # SIGTERM, what a scheduler sends before its kill, stops at the step's end as Ctrl-C does
+    stop, previous = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if world == 1:
-        signal.signal(signal.SIGINT, on_ctrl_c)
+        for s in previous:
+            signal.signal(s, on_ctrl_c)
     try:
         while step < args.steps and not stop:
             lr = args.lr * min(1.0, (step + 1) / (args.warmup_steps + 1))  # linear warm-up, then constant
@@ -1236,9 +1419,8 @@ def main(argv=None):
                     print(f"warning: step {step}: the loss or the gradient was not finite; the update was skipped "
                           f"({skipped} so far)", flush=True)
             if in_a_row >= DIVERGED:  # the weights are still those of the last good step: nothing more is saved
-                last = f"the checkpoint of step {saved[-1]} is intact" if saved else "no checkpoint was saved"
                 die(f"training diverged: steps {step - DIVERGED + 1}-{step} had a non-finite loss or gradient and were "
-                    f"skipped; {last}; try a lower --lr (now {args.lr:g})", code=1)
+                    f"skipped; {checkpoint_note(args.output_dir)}; try a lower --lr (now {args.lr:g})", code=1)
             if args.eval_every and step % args.eval_every == 0 and held and step < args.steps and lead:
                 print(f"eval at step {step}: {headline(run_eval(step))}")
             if step % args.save_every == 0 and step < args.steps:
@@ -1246,13 +1428,17 @@ def main(argv=None):
         path = save()
     except KeyboardInterrupt:  # under torchrun: the processes may be at different points, no collective save
         die("interrupted: resume from the last periodic checkpoint (--save-every)", code=130)
+    except data.DataError as e:  # an image deleted or changed mid-run: the folder is fine
+        die(f"{e}; {checkpoint_note(args.output_dir)}", code=1)
     except OSError as e:  # metrics.jsonl on a full disk
-        die(f"cannot write to {args.output_dir} ({e.strerror or e}); the last saved checkpoint is intact", code=1)
+        die(f"cannot write to {args.output_dir} ({write_error(e, args.output_dir)}); "
+            f"{checkpoint_note(args.output_dir)}", code=1)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if stop:
         print(f"interrupted: saved step {step} to {path}; continue with --resume {path}")
-        sys.exit(130)
+        sys.exit(128 + stop[0])
     after = run_eval(step) if held and lead else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
