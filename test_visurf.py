@@ -1691,6 +1691,38 @@ def test_every_readme_command_parses(capsys):
 
 
 # =============================================================================
+# Clip-higher and the clip fraction
+
+def test_clip_higher_by_hand():
+    """Ratios 0.5, 1.1, 1.25, 1.5 under [1 - 0.2, 1 + 0.28]: A = +1 is clipped only above
+    1.28, A = -1 only below 0.8, and a clipped token has no gradient."""
+    ratio = torch.tensor([[0.5, 1.1, 1.25, 1.5]] * 2, dtype=torch.float64)
+    logp = torch.zeros_like(ratio, requires_grad=True)
+    old = -ratio.log()  # logp - old = log(ratio)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss = visurf.policy_loss(logp, old, adv, 0.2, 0.28)
+    # A=+1: -min(r, clamp(r)) ; A=-1: max(r, clamp(r))
+    assert loss.flatten().tolist() == pytest.approx([-0.5, -1.1, -1.25, -1.28, 0.8, 1.1, 1.25, 1.5])
+    # symmetric (the default): 1.25 is clipped at 1.2 for A=+1
+    assert visurf.policy_loss(logp, old, adv, 0.2)[0].tolist() == pytest.approx([-0.5, -1.1, -1.2, -1.2])
+    cut = visurf.clipped(logp, old, adv, 0.2, 0.28)
+    assert cut.tolist() == [[False, False, False, True], [True, False, False, False]]
+    loss.sum().backward()
+    # d/dlogp of -r*A is -A*r where the clip does not act, 0 where it does
+    expect = torch.where(cut, torch.zeros_like(ratio), -adv[:, None] * ratio)
+    assert torch.allclose(logp.grad, expect)
+    # at ratio 1 (--ppo-epochs 1) nothing is ever clipped, whatever the bounds
+    assert not visurf.clipped(logp, logp.detach(), adv, 0.2, 0.28).any()
+    args = visurf.parse_args(["--clip-eps", "0.1"])
+    assert args.clip_eps_high == 0.1 and visurf.parse_args(["--clip-eps-high", "0.28"]).clip_eps_high == 0.28
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "nan", "inf"])
+def test_bad_clip_eps_high_is_refused(value):
+    assert_clean_error(*cli("--clip-eps-high", value)[::2], "--clip-eps-high must be a positive number")
+
+
+# =============================================================================
 # Several processes: torchrun on PyTorch's own DDP (gloo on CPU)
 
 DDP_SCRIPT = r'''

@@ -114,6 +114,8 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
     g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
                    help="iou (default), or (GIoU + 1) / 2")
+    g.add_argument("--clip-eps-high", type=float, help="upper ratio clip, DAPO's clip-higher (default: --clip-eps); "
+                   "acts only when ratios move away from 1, i.e. with --ppo-epochs above 1")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
     g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
@@ -180,6 +182,10 @@ def parse_args(argv=None):
         die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
     if args.eval_images and not args.eval_data:
         die("--eval-images goes with --eval-data")
+    if args.clip_eps_high is None:  # symmetric clipping unless asked otherwise
+        args.clip_eps_high = args.clip_eps
+    if not (0 < args.clip_eps_high < math.inf):
+        die(f"--clip-eps-high must be a positive number (got {args.clip_eps_high})")
     return args
 
 
@@ -264,15 +270,24 @@ def group_advantages(rewards_):
     return ((r - r.mean()) / (r.std() + 1e-6)).float()
 
 
-def policy_loss(logp, old_logp, adv, clip_eps, ref_logp=None, beta=0.0):
-    """Clipped policy-gradient loss per completion token. -> [N, T]"""
+def policy_loss(logp, old_logp, adv, eps_low, eps_high=None, ref_logp=None, beta=0.0):
+    """Clipped policy-gradient loss per completion token, the ratio kept in [1 - eps_low,
+    1 + eps_high] (eps_high: DAPO's clip-higher; default eps_low). -> [N, T]"""
+    eps_high = eps_low if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp)                                  # [N, T]
     a = adv[:, None]                                                    # [N, 1]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     if beta > 0:  # k3 estimate of KL(pi || pi_ref), always >= 0
         d = ref_logp - logp
         per_token = per_token + beta * (torch.exp(d) - d - 1)
     return per_token
+
+
+def clipped(logp, old_logp, adv, eps_low, eps_high):
+    """Where the clip acts: the ratio is past the bound on the side its advantage pushes
+    toward, so the token's gradient is 0 (TRL's clip_ratio/region_mean counts the same). -> [N, T]"""
+    ratio, a = torch.exp(logp - old_logp), adv[:, None]
+    return ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
 
 
 def aggregate(per_token, mask, how, n_seqs, n_tokens):
@@ -555,6 +570,8 @@ def make_groups(model, processor, samples, conv, args):
     label_texts = [data.gt_completion(s, conv, align="align" not in args.ablate) for s in samples]
     labels = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in label_texts]
     stats = {"t_generate": 0.0, "gen_tokens": 0}
+    if args.mode != "grpo":  # the label is trained on: its length, end token included
+        stats["gt_length"] = float(np.mean([len(l) for l in labels]))
     if args.mode == "sft":
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
@@ -563,6 +580,10 @@ def make_groups(model, processor, samples, conv, args):
         rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             kv_cache=args.kv_cache)
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
+    # truncated: no end token, so the rollout ran into --max-new-tokens (TRL's completions/clipped_ratio)
+    ends = set(end_ids(tok))
+    stats.update(completion_length=stats["gen_tokens"] / len(rollouts),
+                 truncated=float(np.mean([c[-1] not in ends for c in rollouts])))
     t = time.time()
     completions, advantages, parts_all, r_gt, fired, a_gt = [], [], [], [], [], []
     for b, s in enumerate(samples):
@@ -619,6 +640,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     logprobs = ddp or (lambda *a: token_logprobs(model, *a))
     mb = args.micro_batch or B
     old, ref, loss_total, t_fb, t_opt = {}, {}, 0.0, 0.0, 0.0
+    n_clipped, n_counted = 0.0, 0.0  # completion tokens whose ratio was clipped, over every epoch
     model.train()
     for epoch in range(args.ppo_epochs):
         t = time.time()
@@ -638,7 +660,11 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
                         if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
                             with torch.no_grad():
                                 ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
-                        per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, ref.get(b0), args.beta)
+                        per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, args.clip_eps_high,
+                                                ref.get(b0), args.beta)
+                        n_clipped += float((clipped(logp.detach(), old[b0], adv[rows], args.clip_eps,
+                                                    args.clip_eps_high) * mask).sum())
+                        n_counted += float(mask.sum())
                     # DDP averages over processes what must be summed: scale by their number
                     loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens) * world_size()
                 loss.backward()
@@ -650,7 +676,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
         optimizer.zero_grad(set_to_none=True)  # freed now, not kept through the next generation
         t_opt += time.time() - t
     return dict(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb, t_optimizer=t_opt,
-                sequences=len(completions))
+                sequences=len(completions), **({"clip_frac": n_clipped / n_counted} if n_counted else {}))
 
 
 def autocast(device):
@@ -1171,12 +1197,15 @@ def main(argv=None):
 
 
 def progress_line(m, step, args, eta):
-    """step, rewards, the ground truth's share, loss, throughput, ETA, and the phase profile."""
+    """step, rewards, the ground truth's share, completion lengths, loss, throughput, ETA, and the phase profile."""
     line = f"step {step}/{args.steps} | "
     if args.mode != "sft":
         line += f"reward {m['reward']:.3f} (think {m['reward_think']:.2f} answer {m['reward_answer']:.2f}) | "
     if args.mode == "visurf":
         line += f"gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f} | "
+    if args.mode != "sft":  # lengths in tokens; trunc: the share of rollouts that hit --max-new-tokens
+        line += (f"len {m['completion_length']:.1f}" + (f" (label {m['gt_length']:.0f})" if "gt_length" in m else "")
+                 + f" trunc {m['truncated']:.2f}" + (f" clip {m['clip_frac']:.3f}" if args.ppo_epochs > 1 else "") + " | ")
     line += (f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s "
              f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | ")
     if args.mode != "sft":
