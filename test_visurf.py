@@ -1691,7 +1691,7 @@ def test_every_readme_command_parses(capsys):
 
 
 # =============================================================================
-# Clip-higher and the clip fraction
+# Watching a run: the clip fraction, lengths, curves.png, TensorBoard and wandb
 
 def test_clip_higher_by_hand():
     """Ratios 0.5, 1.1, 1.25, 1.5 under [1 - 0.2, 1 + 0.28]: A = +1 is clipped only above
@@ -1720,6 +1720,112 @@ def test_clip_higher_by_hand():
 @pytest.mark.parametrize("value", ["0", "-0.1", "nan", "inf"])
 def test_bad_clip_eps_high_is_refused(value):
     assert_clean_error(*cli("--clip-eps-high", value)[::2], "--clip-eps-high must be a positive number")
+
+
+def test_logger_names_follow_trl():
+    step = {"step": 3, "lr": 1e-6, "reward": 0.5, "reward_std": 0.1, "reward_think": 0.2, "reward_accuracy": 0.4,
+            "loss": 0.3, "grad_norm": 1.0, "completion_length": 9.5, "truncated": 0.25, "clip_frac": 0.01,
+            "gt_advantage": 1.5}
+    assert visurf.logger_names(step) == {
+        "train/learning_rate": 1e-6, "train/reward": 0.5, "train/reward_std": 0.1, "train/rewards/think/mean": 0.2,
+        "train/rewards/accuracy/mean": 0.4, "train/loss": 0.3, "train/grad_norm": 1.0,
+        "train/completions/mean_length": 9.5, "train/completions/clipped_ratio": 0.25,
+        "train/clip_ratio/region_mean": 0.01, "train/gt_advantage": 1.5}
+    ev = {"step": 0, "eval": {"mAP": 12.5, "per_category": {"dog": 10.0}, "task": "detection", "n": 4}}
+    assert visurf.logger_names(ev) == {"eval/mAP": 12.5, "eval/per_category/dog": 10.0, "eval/n": 4}
+
+
+def test_a_run_leaves_its_curves_its_metrics_and_a_tensorboard_log(tmp_path):
+    """A short run: curves.png beside metrics.jsonl, the new metrics, and the same numbers
+    under TRL's names in the TensorBoard event file, read back; then --plot redraws it."""
+    pytest.importorskip("tensorboard", reason="pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    rc, printed, err = cli(*tiny_argv(out, "--steps", "4", "--eval-every", "2", "--ppo-epochs", "2",
+                                      "--clip-eps", "0.001", "--lr", "0.05", "--report-to", "tensorboard"))
+    assert rc == 0, err
+    assert " len " in printed and " trunc " in printed and " clip " in printed and "curves in" in printed
+    steps = step_metrics(out)
+    evals = [json.loads(l) for l in open(out / "metrics.jsonl") if '"eval"' in l]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for m in steps:
+        assert 0 <= m["clip_frac"] <= 1 and 0 <= m["truncated"] <= 1 and m["completion_length"] >= 1
+        assert m["gt_length"] >= 3  # <answer>, the colour, </answer> and the end token, in some tokens
+    assert any(m["clip_frac"] > 0 for m in steps)  # ratios far from 1 at a bound of 0.001
+    png = out / "curves.png"
+    assert Image.open(png).size == (1500, 800)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag, key in [("train/reward", "reward"), ("train/loss", "loss"), ("train/learning_rate", "lr"),
+                     ("train/completions/mean_length", "completion_length"),
+                     ("train/completions/clipped_ratio", "truncated"), ("train/clip_ratio/region_mean", "clip_frac"),
+                     ("train/gt_advantage", "gt_advantage"), ("train/rewards/think/mean", "reward_think")]:
+        assert tag in tags, tag
+        assert [e.step for e in acc.Scalars(tag)] == [m["step"] for m in steps], tag
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([m[key] for m in steps]), tag  # float32
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [e["step"] for e in evals]
+    assert [e.value for e in acc.Scalars("eval/accuracy")] == pytest.approx([e["eval"]["accuracy"] for e in evals])
+    # --plot redraws it from metrics.jsonl alone, without torch
+    png.unlink()
+    code = ("import sys, runpy; sys.argv = ['visurf.py', '--plot', %r]\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nprint('torch' in sys.modules)") % (
+        str(out), os.path.join(HERE, "visurf.py"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0 and "wrote" in p.stdout and p.stdout.strip().endswith("False"), p.stdout + p.stderr
+    assert png.exists()
+
+
+def test_curves_for_every_mode_and_plot_errors(tmp_path):
+    """sft and grpo records draw too (their missing panels say why); --plot refuses a missing
+    folder, a folder without metrics.jsonl and a broken line in one line each."""
+    rows = {"sft": {"loss": 1.0, "gt_length": 5.0},
+            "grpo": {"loss": 0.1, "reward": 0.5, "reward_think": 0.2, "reward_answer": 0.4, "completion_length": 7.0,
+                     "truncated": 0.1}}
+    for mode, row in rows.items():
+        (tmp_path / mode).mkdir()
+        with open(tmp_path / mode / "metrics.jsonl", "w") as f:
+            f.write(json.dumps({"step": 0, "eval": {"mIoU": 0.1, "acc@0.5": 0.0, "parse_failure_rate": 1.0,
+                                                    "task": "grounding", "n": 4}}) + "\n")
+            for k in range(1, 25):
+                f.write(json.dumps(dict(row, step=k)) + "\n")
+            f.write('{"step": 25, "lo')  # a kill mid-line: left out
+        path, n_steps, n_evals = visurf.plot_curves(str(tmp_path / mode))
+        assert (n_steps, n_evals) == (24, 1) and Image.open(path).size == (1500, 800)
+    assert_clean_error(*cli("--plot", str(tmp_path / "gone"))[::2], "no such folder")
+    assert_clean_error(*cli("--plot", str(tmp_path))[::2], "no metrics.jsonl")
+    with open(tmp_path / "sft" / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 26, "loss": 1.0}\n')  # the broken line is no longer the last
+    assert_clean_error(*cli("--plot", str(tmp_path / "sft"))[::2], "is not JSON")
+
+
+def test_report_to_without_its_package_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(visurf, "load_model", lambda *a: pytest.fail("the model loaded"))
+    for kind, module in [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")]:
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        with pytest.raises(SystemExit) as e:
+            visurf.main(tiny_argv(tmp_path / kind, "--report-to", kind))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"--report-to {kind}: the {kind} package is not installed" in err
+
+
+def test_wandb_offline_run(tmp_path):
+    pytest.importorskip("wandb", reason="pip install wandb")
+    out = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "visurf.py"), *tiny_argv(out, "--steps", "2"),
+                        "--report-to", "wandb"], capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    # the offline run file (protobuf records, no reader in wandb's Python package) holds each
+    # name and each value as JSON text: metrics.jsonl's numbers under TRL's names
+    raw = open(next((out / "wandb" / runs[0]).glob("*.wandb")), "rb").read()
+    for name in (b"train/loss", b"train/reward", b"train/completions/mean_length", b"eval/accuracy"):
+        assert name in raw, name
+    for m in step_metrics(out):
+        assert json.dumps(m["loss"]).encode() in raw and json.dumps(m["reward"]).encode() in raw
 
 
 # =============================================================================

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import importlib.util
 import io
 import json
 import math
@@ -52,7 +53,7 @@ RULES = ("align", "think", "smooth")
 # flags a resumed run may change; any other change makes the continuation a different run
 SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
                   "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad",
-                  "kv_cache"}
+                  "kv_cache", "report_to"}
 TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
 
@@ -137,6 +138,9 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
     g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send metrics.jsonl's numbers to TensorBoard (OUT/tensorboard) or wandb (default: none)")
+    g.add_argument("--plot", metavar="OUT", help="redraw OUT/curves.png from OUT/metrics.jsonl and exit")
     args = p.parse_args(argv)
 
     tiny = is_tiny(args.model) or bool(args.resume and is_tiny(args.resume))  # the checkpoint carries the mark too
@@ -201,8 +205,209 @@ def is_tiny(model):
         return False
 
 
+# -----------------------------------------------------------------------------
+# Watching a run: OUT/curves.png, and metrics.jsonl's numbers in TensorBoard or wandb.
+# Nothing here needs torch, so --plot answers at once; matplotlib, tensorboard and wandb
+# are each imported only by what needs them.
+
+# metrics.jsonl's names -> TRL's GRPOTrainer's, where it has one (under "train/", as
+# transformers' loggers file them); reward_<part> -> rewards/<part>/mean, the rest as they are
+TRL_NAMES = {"lr": "learning_rate", "completion_length": "completions/mean_length",
+             "truncated": "completions/clipped_ratio", "clip_frac": "clip_ratio/region_mean"}
+
+
+def logger_names(record):
+    """One metrics.jsonl record as {name: number}: train/... for a step, eval/... for an
+    evaluation (nested values flattened: eval/per_category/dog)."""
+    def flat(d, prefix):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}/"))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[prefix + k] = v
+        return out
+    if "eval" in record:
+        return flat(record["eval"], "eval/")
+    named = {}
+    for k, v in record.items():
+        if k != "step":
+            part = k[len("reward_"):] if k.startswith("reward_") and k != "reward_std" else None
+            named[f"rewards/{part}/mean" if part else TRL_NAMES.get(k, k)] = v
+    return flat(named, "train/")
+
+
+def open_report(kind, out_dir, args, start):
+    """--report-to: -> (send(record), close()) or None. The package is imported here, before
+    any model loads, so a missing one is one line; the logger itself opens at the first
+    record, after --overwrite has cleared the old run."""
+    if kind == "none":
+        return None
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError:
+        die(f"--report-to {kind}: the {kind} package is not installed (pip install {kind})")
+    opened = []
+
+    def send(record):
+        if not opened and kind == "tensorboard":  # a resumed run hides the old run's steps after its checkpoint
+            opened.append(SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if start else None))
+        elif not opened:  # WANDB_MODE=offline writes OUT/wandb/ only; `wandb sync` uploads it later
+            opened.append(wandb.init(project=os.environ.get("WANDB_PROJECT", "visurf"), dir=out_dir,
+                                     name=os.path.basename(os.path.abspath(out_dir)), config=vars(args)))
+        names = logger_names(record)
+        if kind == "tensorboard":
+            for name, v in names.items():
+                opened[0].add_scalar(name, v, record["step"])
+            opened[0].flush()  # readable while the run goes on, and after a kill
+        else:
+            opened[0].log(names, step=record["step"])
+
+    def close():
+        if opened:
+            opened[0].close() if kind == "tensorboard" else opened[0].finish()
+    return send, close
+
+
+def read_run(out_dir):
+    """OUT/metrics.jsonl -> (step records, evaluation records). A half-written last line
+    (a kill, or the run writing it now) is left out."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    steps, evals = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON")
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}: line {n} is not a visurf record")
+        (evals if "eval" in record else steps).append(record)
+    return steps, evals
+
+
+def plot_curves(out_dir):
+    """OUT/curves.png from OUT/metrics.jsonl, one panel per question a run raises: is the
+    reward rising (and is it the answer or the format), how much is the label still
+    teaching (rule 3, A_y), is the loss sane, does the held-out metric move, and are the
+    completions running into --max-new-tokens. Faint: each step; bold: a running mean of 10."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    steps, evals = read_run(out_dir)
+    if not steps and not evals:
+        raise ValueError(f"{os.path.join(out_dir, 'metrics.jsonl')} holds no steps yet")
+    has = lambda k: any(k in r for r in steps)
+    why_not = ("no rollouts (--mode sft)" if not has("reward") else
+               "no label in the group (--mode grpo)")
+
+    def curve(ax, key, label, color, style="-"):
+        xs = [r["step"] for r in steps if key in r]
+        ys = np.array([r[key] for r in steps if key in r], dtype=float)
+        if not xs:
+            return
+        ax.plot(xs, ys, color=color, alpha=0.25, lw=1)
+        c, i = np.concatenate([[0.0], np.cumsum(ys)]), np.arange(1, len(ys) + 1)
+        ax.plot(xs, (c[i] - c[np.maximum(0, i - 10)]) / np.minimum(i, 10), style, color=color, lw=2, label=label)
+
+    def empty(ax, text):
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (a_rew, a_gt, a_adv), (a_loss, a_eval, a_len) = axes
+    a_rew.set_title("rollout reward = w·think + answer")
+    if has("reward"):
+        curve(a_rew, "reward_answer", "answer", "tab:blue")
+        curve(a_rew, "reward_think", "think", "tab:orange")
+        curve(a_rew, "reward", "total", "black", "--")  # dashed: it lies on the answer while think is 0
+    else:
+        empty(a_rew, why_not)
+    a_gt.set_title("the label: its reward after control, and rule 3")
+    if has("gt_reward"):
+        curve(a_gt, "gt_reward", "label's reward (gt_reward)", "tab:green")
+        curve(a_gt, "gt_smoothed", "groups where rule 3 fired (gt_smoothed)", "tab:purple")
+    else:
+        empty(a_gt, why_not)
+    a_adv.set_title("mean A_y, the label's advantage (gt_advantage)")
+    if has("gt_advantage"):
+        a_adv.axhline(0, color="gray", lw=0.5)
+        curve(a_adv, "gt_advantage", "A_y", "tab:red")
+    else:
+        empty(a_adv, why_not)
+    a_loss.set_title("loss")
+    curve(a_loss, "loss", "loss", "black")
+    a_eval.set_title("held out, at each evaluation")
+    if evals:
+        task = evals[-1]["eval"].get("task")
+        keys = {"classification": ["accuracy"], "grounding": ["mIoU", "acc@0.5"],
+                "detection": ["mAP", "AP50"]}.get(task, [])
+        for key, color in zip(keys, ["tab:blue", "tab:green"]):
+            pts = [(r["step"], r["eval"][key]) for r in evals if key in r["eval"]]
+            if pts:
+                a_eval.plot(*zip(*pts), "o-", color=color, label=key)
+        pts = [(r["step"], r["eval"]["parse_failure_rate"]) for r in evals if "parse_failure_rate" in r["eval"]]
+        if pts and task != "detection":  # mAP is in %, the rate is not
+            a_eval.plot(*zip(*pts), "o--", color="gray", label="parse_failure_rate")
+    else:
+        empty(a_eval, "no held-out set")
+    a_len.set_title("completions: mean length (tokens), truncated")
+    curve(a_len, "completion_length", "rollouts", "tab:blue")
+    curve(a_len, "gt_length", "label", "tab:green")
+    if has("truncated"):
+        frac = a_len.twinx()
+        curve(frac, "truncated", "hit --max-new-tokens (right axis)", "tab:red", "--")
+        frac.set_ylim(-0.02, 1.02)
+        handles = [sum(pair, []) for pair in zip(a_len.get_legend_handles_labels(), frac.get_legend_handles_labels())]
+        frac.legend(*handles, loc="best", fontsize=8)  # one legend: the twin axis would hide the other
+        a_len.set_xlabel("step")
+        a_len.grid(alpha=0.3)
+    if not has("completion_length") and not has("gt_length"):
+        empty(a_len, "no completion lengths in this metrics.jsonl")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0] and not (ax is a_len and has("truncated")):  # that one is drawn
+            ax.legend(loc="best", fontsize=8)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    last = max(r["step"] for r in steps + evals)
+    fig.suptitle(f"{os.path.normpath(out_dir)}: step {last}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path + ".tmp.png", dpi=100)  # swapped in whole: a viewer never sees half a picture
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path, len(steps), len(evals)
+
+
+def plot_command(out_dir):
+    """python visurf.py --plot OUT: redraw OUT/curves.png, no model, no torch."""
+    if not os.path.isdir(out_dir):
+        die(f"--plot {out_dir}: no such folder")
+    if not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        die(f"--plot {out_dir}: no metrics.jsonl there (the --output-dir of a run)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        die("--plot needs matplotlib (pip install matplotlib)")
+    try:
+        path, n_steps, n_evals = plot_curves(out_dir)
+    except (OSError, ValueError) as e:
+        die(f"--plot {out_dir}: {one_line(e)}")
+    print(f"wrote {path} ({n_steps} steps, {n_evals} evaluations)")
+
+
 if __name__ == "__main__":
-    parse_args()  # exits here on --help or a bad flag
+    _flags = parse_args()  # exits here on --help or a bad flag
+    if _flags.plot:  # a picture needs neither torch nor a model
+        plot_command(_flags.plot)
+        sys.exit(0)
 
 import torch  # noqa: E402  (after the flags, on purpose)
 import torch.distributed as dist  # noqa: E402
@@ -1002,7 +1207,7 @@ def load_data(args):
 
 
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "eval.json", "predictions.jsonl",
-             "coco_results.json")
+             "coco_results.json", "curves.png", "tensorboard", "wandb")
 
 
 def prepare_output_dir(args):
@@ -1036,6 +1241,8 @@ def prepare_output_dir(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return plot_command(args.plot)
     if args.device:  # checked before anything is loaded
         try:
             device = torch.device(args.device)
@@ -1054,6 +1261,10 @@ def main(argv=None):
         prepare_output_dir(args)
     barrier()
     state = load_trainer_state(args.resume, args) if args.resume else None
+    report = open_report(args.report_to, args.output_dir, args, state["step"] if state else 0) if lead else None
+    plotting = lead and importlib.util.find_spec("matplotlib") is not None
+    if lead and not plotting:
+        print("note: matplotlib is not installed, so no curves.png (pip install matplotlib)")
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -1122,6 +1333,15 @@ def main(argv=None):
     def log(record):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if report:
+            report[0](record)
+
+    def draw():  # curves.png at each save and at the end; a picture that fails never stops the run
+        if plotting:
+            try:
+                plot_curves(args.output_dir)
+            except Exception as e:
+                print(f"warning: curves.png not drawn ({one_line(e)})")
 
     def run_eval(step):  # on the lead process only; the others wait at their next collective
         result, _ = evaluate(model, processor, held, conv, args, info)
@@ -1136,6 +1356,7 @@ def main(argv=None):
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
 
     def save():
+        draw()
         try:
             return save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
         except Exception as e:  # a full disk or quota: the last complete checkpoint is still in place
@@ -1186,7 +1407,10 @@ def main(argv=None):
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
     if lead:
-        print(f"saved {path}")
+        draw()
+        if report:
+            report[1]()
+        print(f"saved {path}" + (f"; curves in {os.path.join(args.output_dir, 'curves.png')}" if plotting else ""))
     # DDP's reducer must not hold the last reference to the process group: freed from it, with
     # the interpreter lock held, gloo's destructor waits on a worker that needs that lock
     ddp = None
