@@ -1638,21 +1638,28 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     out = tmp_path / "run"
     run_main(capsys, *tiny_argv(out, "--steps", "2", "--lr", "5e-3"))
     ck = str(out / "checkpoint")
-    from transformers import AutoModelForImageTextToText
-    # the README's lines; visurf.ImageOnlyProcessor stands in for AutoProcessor here (no torchvision)
-    model = AutoModelForImageTextToText.from_pretrained(ck)
-    processor = visurf.ImageOnlyProcessor.from_pretrained(ck)
+    # docs/evaluation.md's snippet, run as a user would: in a fresh interpreter, from a folder
+    # that holds a folder named visurf (which `import visurf` would take for the package)
+    doc = open(os.path.join(HERE, "docs", "evaluation.md")).read()
+    snippet = re.search(r"## With plain transformers.*?```python\n(.*?)```", doc, re.S).group(1)
     samples = data.synthetic("classification", 4, 0, "eval")
-    msgs = [data.messages(s, Q2) for s in samples]
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
-    plain = processor.batch_decode(model.generate(**inputs)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    n = str(model.generation_config.max_new_tokens)  # what the run used, and saved
-    args = visurf.parse_args(["--model", ck, "--eval-batch-size", "4", "--max-new-tokens", n])
-    m, p, conv = visurf.load_model(ck, args)
-    _, ours = visurf.evaluate(m, p, samples, conv, args)
-    assert plain == ours
+    where = tmp_path / "elsewhere"
+    (where / "visurf").mkdir(parents=True)
+    (where / "snippet.py").write_text(snippet.replace("runs/x/checkpoint", ck))
+    for k, s in enumerate(samples):
+        s["image"].save(where / f"{k}.png")
+    program = ("import json, sys\nfrom PIL import Image\nfor k, question in enumerate(json.loads(sys.argv[1])):\n"
+               "    image = Image.open(f'{k}.png')\n    exec(open('snippet.py').read())\n")
+    p = subprocess.run([sys.executable, "-c", program, json.dumps([data.prompt_text(s, Q2) for s in samples])],
+                       capture_output=True, text=True, cwd=str(where), timeout=300)
+    assert p.returncode == 0, p.stderr
+    import ast
+    plain = [t for line in p.stdout.splitlines() if line.startswith("[") for t in ast.literal_eval(line)]
+    n = str(json.load(open(os.path.join(ck, "generation_config.json")))["max_new_tokens"])  # what the run used, and saved
+    args = visurf.parse_args(["--model", ck, "--eval-batch-size", "1", "--max-new-tokens", n])
+    m, proc, conv = visurf.load_model(ck, args)
+    _, ours = visurf.evaluate(m, proc, samples, conv, args)
+    assert plain == ours and len(ours) == 4
     # --eval of that checkpoint on the synthetic held-out set, no --data needed
     result, printed = run_main(capsys, "--eval", "--model", ck, "--eval-limit", "8", "--max-new-tokens", n,
                                "--output-dir", str(tmp_path / "ev"))
@@ -1667,27 +1674,98 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     assert visurf.parse_args(["--model", str(tmp_path / "gone"), "--resume", ck]).lr == visurf.TINY_DEFAULTS["lr"]
 
 
-def readme_commands():
-    """Every `python visurf.py ...` and `torchrun ... visurf.py ...` command in the README."""
+DOCS = [os.path.join(HERE, "README.md")] + sorted(
+    os.path.join(HERE, "docs", f) for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md"))
+
+
+def doc_commands():
+    """Every `python ...` and `torchrun ...` command in README.md and docs/*.md: the lines of
+    their bash blocks and their inline code. -> [(file, words)]"""
     import shlex
-    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
     cmds = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip() if not line.strip().startswith("|") else ""
-        if line.startswith("python visurf.py") or line.startswith("torchrun"):
-            words = shlex.split(line)
-            cmds.append(words[words.index("visurf.py") + 1:])
+    for path in DOCS:
+        text, bash = open(path).read().replace("\\\n", " "), False
+        for line in text.splitlines():
+            if line.startswith("```"):
+                bash = line.strip() in ("```bash", "```sh")
+                continue
+            found = re.findall(r"`((?:python|torchrun) [^`]+)`", line)
+            if bash and not line.strip().startswith("#"):
+                found.append(line.split(" #", 1)[0].strip())
+            for c in found:
+                c = re.sub(r"^(\w+=\S*\s+)+", "", c)  # WANDB_MODE=offline python ...
+                if c.startswith(("python ", "torchrun ")):
+                    cmds.append((os.path.relpath(path, HERE), shlex.split(c)))
     return cmds
 
 
-def test_every_readme_command_parses(capsys):
-    cmds = readme_commands()
-    assert len(cmds) >= 10
-    for argv in cmds:
+class Parsed(Exception):
+    """A bench script's flags parsed: stop before it runs."""
+
+
+def test_every_readme_command_parses(capsys, monkeypatch):
+    """Every python command in README.md and docs/: visurf.py's flags through parse_args, a
+    bench script's through its own argparse parser (stopped right after parsing), and a
+    script without flags is given none."""
+    import argparse
+    import runpy
+    cmds = doc_commands()
+    assert sum(f == "README.md" for f, _ in cmds) >= 10 and len({f for f, _ in cmds}) >= 5
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise Parsed
+    seen = set()
+    for where, words in cmds:
+        i = next(k for k, w in enumerate(words) if w.endswith(".py") or w == "-m")
+        script, argv, shown = words[i], words[i + 1:], f"{where}: {' '.join(words)}"
+        if script == "-m":
+            assert argv[:1] == ["pytest"], shown
+            continue
+        assert os.path.isfile(os.path.join(HERE, script)), shown
+        seen.add(script)
         try:
-            visurf.parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"README command does not parse: python visurf.py {' '.join(argv)}\n{capsys.readouterr().err}")
+            if script == "visurf.py":
+                visurf.parse_args(argv)
+            elif "argparse" in open(os.path.join(HERE, script)).read():
+                with monkeypatch.context() as m:
+                    m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+                    m.setattr(sys, "argv", [script, *argv])
+                    with pytest.raises(Parsed):
+                        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+            else:
+                assert argv == [], f"{script} takes no flags: {shown}"
+        except SystemExit as e:  # --help exits 0
+            if e.code:
+                pytest.fail(f"command does not parse: {shown}\n{capsys.readouterr().err}")
+    assert {"visurf.py", "bench/compare_modes.py", "bench/vs_trl.py"} <= seen
+
+
+def heading_anchors(path):
+    """GitHub's anchors for a markdown file's headings."""
+    out = set()
+    for line in open(path):
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    links = 0
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)  # code is not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            assert os.path.exists(full), f"{os.path.relpath(path, HERE)}: {target} does not exist"
+            if anchor and full.endswith(".md"):
+                assert anchor in heading_anchors(full), f"{os.path.relpath(path, HERE)}: no heading #{anchor}"
+            links += 1
+    assert links >= 20
 
 
 # =============================================================================
