@@ -1492,7 +1492,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_run_that_resumes_exactly(tmp_pat
         run_main(capsys, *tiny_argv(out, "--resume", str(out / "checkpoint")))
         got = [(m["step"], m["loss"], m["reward"], m["grad_norm"]) for m in step_metrics(out)]
         assert got == want, k
-        assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"], (k, os.listdir(out))
+        assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "metrics.jsonl"], (k, os.listdir(out))
     assert k == 10  # every one of the save's 9 operations was interrupted once
 
 
