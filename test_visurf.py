@@ -1888,6 +1888,17 @@ def test_report_to_without_its_package_is_one_line_before_loading(tmp_path, caps
         assert err.count("error:") == 1 and f"--report-to {kind}: the {kind} package is not installed" in err
 
 
+def test_without_matplotlib_a_run_says_so_once_and_goes_on(tmp_path, capsys, monkeypatch):
+    find = visurf.importlib.util.find_spec
+    monkeypatch.setattr(visurf.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    _, printed = run_main(capsys, *tiny_argv(tmp_path / "run"))
+    assert printed.out.count("matplotlib is not installed") == 1 and not (tmp_path / "run" / "curves.png").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        visurf.main(["--plot", str(tmp_path / "run")])
+    assert "error: --plot needs matplotlib" in capsys.readouterr().err
+
+
 def test_wandb_offline_run(tmp_path):
     pytest.importorskip("wandb", reason="pip install wandb")
     out = tmp_path / "run"
