@@ -1681,7 +1681,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_run_that_resumes_exactly(tmp_pat
         run_main(capsys, *tiny_argv(out, "--resume", str(out / "checkpoint")))
         got = [(m["step"], m["loss"], m["reward"], m["grad_norm"]) for m in step_metrics(out)]
         assert got == want, k
-        assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"], (k, os.listdir(out))
+        assert sorted(os.listdir(out)) == ["checkpoint", "curves.png", "metrics.jsonl"], (k, os.listdir(out))
     assert k == 10  # every one of the save's 9 operations was interrupted once
 
 
@@ -1828,21 +1828,28 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     out = tmp_path / "run"
     run_main(capsys, *tiny_argv(out, "--steps", "2", "--lr", "5e-3"))
     ck = str(out / "checkpoint")
-    from transformers import AutoModelForImageTextToText
-    # the README's lines; visurf.ImageOnlyProcessor stands in for AutoProcessor here (no torchvision)
-    model = AutoModelForImageTextToText.from_pretrained(ck)
-    processor = visurf.ImageOnlyProcessor.from_pretrained(ck)
+    # docs/evaluation.md's snippet, run as a user would: in a fresh interpreter, from a folder
+    # that holds a folder named visurf (which `import visurf` would take for the package)
+    doc = open(os.path.join(HERE, "docs", "evaluation.md")).read()
+    snippet = re.search(r"## With plain transformers.*?```python\n(.*?)```", doc, re.S).group(1)
     samples = data.synthetic("classification", 4, 0, "eval")
-    msgs = [data.messages(s, Q2) for s in samples]
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=[s["image"] for s in samples], return_tensors="pt", padding=True)
-    plain = processor.batch_decode(model.generate(**inputs)[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    n = str(model.generation_config.max_new_tokens)  # what the run used, and saved
-    args = visurf.parse_args(["--model", ck, "--eval-batch-size", "4", "--max-new-tokens", n])
-    m, p, conv = visurf.load_model(ck, args)
-    _, ours = visurf.evaluate(m, p, samples, conv, args)
-    assert plain == ours
+    where = tmp_path / "elsewhere"
+    (where / "visurf").mkdir(parents=True)
+    (where / "snippet.py").write_text(snippet.replace("runs/x/checkpoint", ck))
+    for k, s in enumerate(samples):
+        s["image"].save(where / f"{k}.png")
+    program = ("import json, sys\nfrom PIL import Image\nfor k, question in enumerate(json.loads(sys.argv[1])):\n"
+               "    image = Image.open(f'{k}.png')\n    exec(open('snippet.py').read())\n")
+    p = subprocess.run([sys.executable, "-c", program, json.dumps([data.prompt_text(s, Q2) for s in samples])],
+                       capture_output=True, text=True, cwd=str(where), timeout=300)
+    assert p.returncode == 0, p.stderr
+    import ast
+    plain = [t for line in p.stdout.splitlines() if line.startswith("[") for t in ast.literal_eval(line)]
+    n = str(json.load(open(os.path.join(ck, "generation_config.json")))["max_new_tokens"])  # what the run used, and saved
+    args = visurf.parse_args(["--model", ck, "--eval-batch-size", "1", "--max-new-tokens", n])
+    m, proc, conv = visurf.load_model(ck, args)
+    _, ours = visurf.evaluate(m, proc, samples, conv, args)
+    assert plain == ours and len(ours) == 4
     # --eval of that checkpoint on the synthetic held-out set, no --data needed
     result, printed = run_main(capsys, "--eval", "--model", ck, "--eval-limit", "8", "--max-new-tokens", n,
                                "--output-dir", str(tmp_path / "ev"))
@@ -1857,27 +1864,247 @@ def test_plain_transformers_generate_answers_like_visurf_evaluation(tmp_path, ca
     assert visurf.parse_args(["--model", str(tmp_path / "gone"), "--resume", ck]).lr == visurf.TINY_DEFAULTS["lr"]
 
 
-def readme_commands():
-    """Every `python visurf.py ...` and `torchrun ... visurf.py ...` command in the README."""
+DOCS = [os.path.join(HERE, "README.md")] + sorted(
+    os.path.join(HERE, "docs", f) for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md"))
+
+
+def doc_commands():
+    """Every `python ...` and `torchrun ...` command in README.md and docs/*.md: the lines of
+    their bash blocks and their inline code. -> [(file, words)]"""
     import shlex
-    text = open(os.path.join(HERE, "README.md")).read().replace("\\\n", " ")
     cmds = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip() if not line.strip().startswith("|") else ""
-        if line.startswith("python visurf.py") or line.startswith("torchrun"):
-            words = shlex.split(line)
-            cmds.append(words[words.index("visurf.py") + 1:])
+    for path in DOCS:
+        text, bash = open(path).read().replace("\\\n", " "), False
+        for line in text.splitlines():
+            if line.startswith("```"):
+                bash = line.strip() in ("```bash", "```sh")
+                continue
+            found = re.findall(r"`((?:python|torchrun) [^`]+)`", line)
+            if bash and not line.strip().startswith("#"):
+                found.append(line.split(" #", 1)[0].strip())
+            for c in found:
+                c = re.sub(r"^(\w+=\S*\s+)+", "", c)  # WANDB_MODE=offline python ...
+                if c.startswith(("python ", "torchrun ")):
+                    cmds.append((os.path.relpath(path, HERE), shlex.split(c)))
     return cmds
 
 
-def test_every_readme_command_parses(capsys):
-    cmds = readme_commands()
-    assert len(cmds) >= 10
-    for argv in cmds:
+class Parsed(Exception):
+    """A bench script's flags parsed: stop before it runs."""
+
+
+def test_every_readme_command_parses(capsys, monkeypatch):
+    """Every python command in README.md and docs/: visurf.py's flags through parse_args, a
+    bench script's through its own argparse parser (stopped right after parsing), and a
+    script without flags is given none."""
+    import argparse
+    import runpy
+    cmds = doc_commands()
+    assert sum(f == "README.md" for f, _ in cmds) >= 10 and len({f for f, _ in cmds}) >= 5
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise Parsed
+    seen = set()
+    for where, words in cmds:
+        i = next(k for k, w in enumerate(words) if w.endswith(".py") or w == "-m")
+        script, argv, shown = words[i], words[i + 1:], f"{where}: {' '.join(words)}"
+        if script == "-m":
+            assert argv[:1] == ["pytest"], shown
+            continue
+        assert os.path.isfile(os.path.join(HERE, script)), shown
+        seen.add(script)
         try:
-            visurf.parse_args(argv)
-        except SystemExit:
-            pytest.fail(f"README command does not parse: python visurf.py {' '.join(argv)}\n{capsys.readouterr().err}")
+            if script == "visurf.py":
+                visurf.parse_args(argv)
+            elif "argparse" in open(os.path.join(HERE, script)).read():
+                with monkeypatch.context() as m:
+                    m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+                    m.setattr(sys, "argv", [script, *argv])
+                    with pytest.raises(Parsed):
+                        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+            else:
+                assert argv == [], f"{script} takes no flags: {shown}"
+        except SystemExit as e:  # --help exits 0
+            if e.code:
+                pytest.fail(f"command does not parse: {shown}\n{capsys.readouterr().err}")
+    assert {"visurf.py", "bench/compare_modes.py", "bench/vs_trl.py"} <= seen
+
+
+def heading_anchors(path):
+    """GitHub's anchors for a markdown file's headings."""
+    out = set()
+    for line in open(path):
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    links = 0
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)  # code is not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            assert os.path.exists(full), f"{os.path.relpath(path, HERE)}: {target} does not exist"
+            if anchor and full.endswith(".md"):
+                assert anchor in heading_anchors(full), f"{os.path.relpath(path, HERE)}: no heading #{anchor}"
+            links += 1
+    assert links >= 20
+
+
+# =============================================================================
+# Watching a run: the clip fraction, lengths, curves.png, TensorBoard and wandb
+
+def test_clip_higher_by_hand():
+    """Ratios 0.5, 1.1, 1.25, 1.5 under [1 - 0.2, 1 + 0.28]: A = +1 is clipped only above
+    1.28, A = -1 only below 0.8, and a clipped token has no gradient."""
+    ratio = torch.tensor([[0.5, 1.1, 1.25, 1.5]] * 2, dtype=torch.float64)
+    logp = torch.zeros_like(ratio, requires_grad=True)
+    old = -ratio.log()  # logp - old = log(ratio)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss = visurf.policy_loss(logp, old, adv, 0.2, 0.28)
+    # A=+1: -min(r, clamp(r)) ; A=-1: max(r, clamp(r))
+    assert loss.flatten().tolist() == pytest.approx([-0.5, -1.1, -1.25, -1.28, 0.8, 1.1, 1.25, 1.5])
+    # symmetric (the default): 1.25 is clipped at 1.2 for A=+1
+    assert visurf.policy_loss(logp, old, adv, 0.2)[0].tolist() == pytest.approx([-0.5, -1.1, -1.2, -1.2])
+    cut = visurf.clipped(logp, old, adv, 0.2, 0.28)
+    assert cut.tolist() == [[False, False, False, True], [True, False, False, False]]
+    loss.sum().backward()
+    # d/dlogp of -r*A is -A*r where the clip does not act, 0 where it does
+    expect = torch.where(cut, torch.zeros_like(ratio), -adv[:, None] * ratio)
+    assert torch.allclose(logp.grad, expect)
+    # at ratio 1 (--ppo-epochs 1) nothing is ever clipped, whatever the bounds
+    assert not visurf.clipped(logp, logp.detach(), adv, 0.2, 0.28).any()
+    args = visurf.parse_args(["--clip-eps", "0.1"])
+    assert args.clip_eps_high == 0.1 and visurf.parse_args(["--clip-eps-high", "0.28"]).clip_eps_high == 0.28
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "nan", "inf"])
+def test_bad_clip_eps_high_is_refused(value):
+    assert_clean_error(*cli("--clip-eps-high", value)[::2], "--clip-eps-high must be a positive number")
+
+
+def test_logger_names_follow_trl():
+    step = {"step": 3, "lr": 1e-6, "reward": 0.5, "reward_std": 0.1, "reward_think": 0.2, "reward_accuracy": 0.4,
+            "loss": 0.3, "grad_norm": 1.0, "completion_length": 9.5, "truncated": 0.25, "clip_frac": 0.01,
+            "gt_advantage": 1.5}
+    assert visurf.logger_names(step) == {
+        "train/learning_rate": 1e-6, "train/reward": 0.5, "train/reward_std": 0.1, "train/rewards/think/mean": 0.2,
+        "train/rewards/accuracy/mean": 0.4, "train/loss": 0.3, "train/grad_norm": 1.0,
+        "train/completions/mean_length": 9.5, "train/completions/clipped_ratio": 0.25,
+        "train/clip_ratio/region_mean": 0.01, "train/gt_advantage": 1.5}
+    ev = {"step": 0, "eval": {"mAP": 12.5, "per_category": {"dog": 10.0}, "task": "detection", "n": 4}}
+    assert visurf.logger_names(ev) == {"eval/mAP": 12.5, "eval/per_category/dog": 10.0, "eval/n": 4}
+
+
+def test_a_run_leaves_its_curves_its_metrics_and_a_tensorboard_log(tmp_path):
+    """A short run: curves.png beside metrics.jsonl, the new metrics, and the same numbers
+    under TRL's names in the TensorBoard event file, read back; then --plot redraws it."""
+    pytest.importorskip("tensorboard", reason="pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    rc, printed, err = cli(*tiny_argv(out, "--steps", "4", "--eval-every", "2", "--ppo-epochs", "2",
+                                      "--clip-eps", "0.001", "--lr", "0.05", "--report-to", "tensorboard"))
+    assert rc == 0, err
+    assert " len " in printed and " trunc " in printed and " clip " in printed and "curves in" in printed
+    steps = step_metrics(out)
+    evals = [json.loads(l) for l in open(out / "metrics.jsonl") if '"eval"' in l]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    for m in steps:
+        assert 0 <= m["clip_frac"] <= 1 and 0 <= m["truncated"] <= 1 and m["completion_length"] >= 1
+        assert m["gt_length"] >= 3  # <answer>, the colour, </answer> and the end token, in some tokens
+    assert any(m["clip_frac"] > 0 for m in steps)  # ratios far from 1 at a bound of 0.001
+    png = out / "curves.png"
+    assert Image.open(png).size == (1500, 800)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag, key in [("train/reward", "reward"), ("train/loss", "loss"), ("train/learning_rate", "lr"),
+                     ("train/completions/mean_length", "completion_length"),
+                     ("train/completions/clipped_ratio", "truncated"), ("train/clip_ratio/region_mean", "clip_frac"),
+                     ("train/gt_advantage", "gt_advantage"), ("train/rewards/think/mean", "reward_think")]:
+        assert tag in tags, tag
+        assert [e.step for e in acc.Scalars(tag)] == [m["step"] for m in steps], tag
+        assert [e.value for e in acc.Scalars(tag)] == pytest.approx([m[key] for m in steps]), tag  # float32
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [e["step"] for e in evals]
+    assert [e.value for e in acc.Scalars("eval/accuracy")] == pytest.approx([e["eval"]["accuracy"] for e in evals])
+    # --plot redraws it from metrics.jsonl alone, without torch
+    png.unlink()
+    code = ("import sys, runpy; sys.argv = ['visurf.py', '--plot', %r]\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nprint('torch' in sys.modules)") % (
+        str(out), os.path.join(HERE, "visurf.py"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0 and "wrote" in p.stdout and p.stdout.strip().endswith("False"), p.stdout + p.stderr
+    assert png.exists()
+
+
+def test_curves_for_every_mode_and_plot_errors(tmp_path):
+    """sft and grpo records draw too (their missing panels say why); --plot refuses a missing
+    folder, a folder without metrics.jsonl and a broken line in one line each."""
+    rows = {"sft": {"loss": 1.0, "gt_length": 5.0},
+            "grpo": {"loss": 0.1, "reward": 0.5, "reward_think": 0.2, "reward_answer": 0.4, "completion_length": 7.0,
+                     "truncated": 0.1}}
+    for mode, row in rows.items():
+        (tmp_path / mode).mkdir()
+        with open(tmp_path / mode / "metrics.jsonl", "w") as f:
+            f.write(json.dumps({"step": 0, "eval": {"mIoU": 0.1, "acc@0.5": 0.0, "parse_failure_rate": 1.0,
+                                                    "task": "grounding", "n": 4}}) + "\n")
+            for k in range(1, 25):
+                f.write(json.dumps(dict(row, step=k)) + "\n")
+            f.write('{"step": 25, "lo')  # a kill mid-line: left out
+        path, n_steps, n_evals = visurf.plot_curves(str(tmp_path / mode))
+        assert (n_steps, n_evals) == (24, 1) and Image.open(path).size == (1500, 800)
+    assert_clean_error(*cli("--plot", str(tmp_path / "gone"))[::2], "no such folder")
+    assert_clean_error(*cli("--plot", str(tmp_path))[::2], "no metrics.jsonl")
+    with open(tmp_path / "sft" / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 26, "loss": 1.0}\n')  # the broken line is no longer the last
+    assert_clean_error(*cli("--plot", str(tmp_path / "sft"))[::2], "is not JSON")
+
+
+def test_report_to_without_its_package_is_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(visurf, "load_model", lambda *a: pytest.fail("the model loaded"))
+    for kind, module in [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")]:
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        with pytest.raises(SystemExit) as e:
+            visurf.main(tiny_argv(tmp_path / kind, "--report-to", kind))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"--report-to {kind}: the {kind} package is not installed" in err
+
+
+def test_without_matplotlib_a_run_says_so_once_and_goes_on(tmp_path, capsys, monkeypatch):
+    find = visurf.importlib.util.find_spec
+    monkeypatch.setattr(visurf.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    _, printed = run_main(capsys, *tiny_argv(tmp_path / "run"))
+    assert printed.out.count("matplotlib is not installed") == 1 and not (tmp_path / "run" / "curves.png").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        visurf.main(["--plot", str(tmp_path / "run")])
+    assert "error: --plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_wandb_offline_run(tmp_path):
+    pytest.importorskip("wandb", reason="pip install wandb")
+    out = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "visurf.py"), *tiny_argv(out, "--steps", "2"),
+                        "--report-to", "wandb"], capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    # the offline run file (protobuf records, no reader in wandb's Python package) holds each
+    # name and each value as JSON text: metrics.jsonl's numbers under TRL's names
+    raw = open(next((out / "wandb" / runs[0]).glob("*.wandb")), "rb").read()
+    for name in (b"train/loss", b"train/reward", b"train/completions/mean_length", b"eval/accuracy"):
+        assert name in raw, name
+    for m in step_metrics(out):
+        assert json.dumps(m["loss"]).encode() in raw and json.dumps(m["reward"]).encode() in raw
 
 
 # =============================================================================

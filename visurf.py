@@ -33,6 +33,7 @@ import contextlib
 import copy
 import datetime
 import errno
+import importlib.util
 import io
 import json
 import math
@@ -59,7 +60,7 @@ RULES = ("align", "think", "smooth")
 # flags a resumed run may change; any other change makes the continuation a different run
 SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
                   "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad",
-                  "kv_cache", "precision"}
+                  "kv_cache", "precision", "report_to"}
 TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
 DIVERGED = 5  # this many non-finite steps in a row stop a run
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
@@ -122,6 +123,8 @@ def parse_args(argv=None):
     g.add_argument("--beta", type=float, default=0.0, help="KL weight; > 0 loads a reference model (default: 0)")
     g.add_argument("--grounding-reward", default="iou", choices=["iou", "giou"],
                    help="iou (default), or (GIoU + 1) / 2")
+    g.add_argument("--clip-eps-high", type=float, help="upper ratio clip, DAPO's clip-higher (default: --clip-eps); "
+                   "acts only when ratios move away from 1, i.e. with --ppo-epochs above 1")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"tiny: {TINY_DEFAULTS['steps']}, else {REAL_DEFAULTS['steps']}")
     g.add_argument("--batch-size", type=int, help=f"prompts per step; tiny: {TINY_DEFAULTS['batch_size']}, "
@@ -148,6 +151,9 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run")
     g.add_argument("--seed", type=int, default=0, help="model init, data choice and order, sampling")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send metrics.jsonl's numbers to TensorBoard (OUT/tensorboard) or wandb (default: none)")
+    g.add_argument("--plot", metavar="OUT", help="redraw OUT/curves.png from OUT/metrics.jsonl and exit")
     args = p.parse_args(argv)
 
     # the checkpoint carries the mark too (or, after a kill mid-save, the copy heal_checkpoint will take)
@@ -197,6 +203,10 @@ def parse_args(argv=None):
         die("--eval-images goes with --eval-data")
     if args.output_dir is None:  # a resumed run continues in its own folder, not in a second one
         args.output_dir = (os.path.dirname(saved_checkpoint(args.resume)) or ".") if args.resume else "runs/default"
+    if args.clip_eps_high is None:  # symmetric clipping unless asked otherwise
+        args.clip_eps_high = args.clip_eps
+    if not (0 < args.clip_eps_high < math.inf):
+        die(f"--clip-eps-high must be a positive number (got {args.clip_eps_high})")
     return args
 
 
@@ -221,8 +231,209 @@ def is_tiny(model):
         return False
 
 
+# -----------------------------------------------------------------------------
+# Watching a run: OUT/curves.png, and metrics.jsonl's numbers in TensorBoard or wandb.
+# Nothing here needs torch, so --plot answers at once; matplotlib, tensorboard and wandb
+# are each imported only by what needs them.
+
+# metrics.jsonl's names -> TRL's GRPOTrainer's, where it has one (under "train/", as
+# transformers' loggers file them); reward_<part> -> rewards/<part>/mean, the rest as they are
+TRL_NAMES = {"lr": "learning_rate", "completion_length": "completions/mean_length",
+             "truncated": "completions/clipped_ratio", "clip_frac": "clip_ratio/region_mean"}
+
+
+def logger_names(record):
+    """One metrics.jsonl record as {name: number}: train/... for a step, eval/... for an
+    evaluation (nested values flattened: eval/per_category/dog)."""
+    def flat(d, prefix):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}/"))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[prefix + k] = v
+        return out
+    if "eval" in record:
+        return flat(record["eval"], "eval/")
+    named = {}
+    for k, v in record.items():
+        if k != "step":
+            part = k[len("reward_"):] if k.startswith("reward_") and k != "reward_std" else None
+            named[f"rewards/{part}/mean" if part else TRL_NAMES.get(k, k)] = v
+    return flat(named, "train/")
+
+
+def open_report(kind, out_dir, args, start):
+    """--report-to: -> (send(record), close()) or None. The package is imported here, before
+    any model loads, so a missing one is one line; the logger itself opens at the first
+    record, after --overwrite has cleared the old run."""
+    if kind == "none":
+        return None
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+        else:
+            import wandb
+    except ImportError:
+        die(f"--report-to {kind}: the {kind} package is not installed (pip install {kind})")
+    opened = []
+
+    def send(record):
+        if not opened and kind == "tensorboard":  # a resumed run hides the old run's steps after its checkpoint
+            opened.append(SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if start else None))
+        elif not opened:  # WANDB_MODE=offline writes OUT/wandb/ only; `wandb sync` uploads it later
+            opened.append(wandb.init(project=os.environ.get("WANDB_PROJECT", "visurf"), dir=out_dir,
+                                     name=os.path.basename(os.path.abspath(out_dir)), config=vars(args)))
+        names = logger_names(record)
+        if kind == "tensorboard":
+            for name, v in names.items():
+                opened[0].add_scalar(name, v, record["step"])
+            opened[0].flush()  # readable while the run goes on, and after a kill
+        else:
+            opened[0].log(names, step=record["step"])
+
+    def close():
+        if opened:
+            opened[0].close() if kind == "tensorboard" else opened[0].finish()
+    return send, close
+
+
+def read_run(out_dir):
+    """OUT/metrics.jsonl -> (step records, evaluation records). A half-written last line
+    (a kill, or the run writing it now) is left out."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    steps, evals = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON")
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}: line {n} is not a visurf record")
+        (evals if "eval" in record else steps).append(record)
+    return steps, evals
+
+
+def plot_curves(out_dir):
+    """OUT/curves.png from OUT/metrics.jsonl, one panel per question a run raises: is the
+    reward rising (and is it the answer or the format), how much is the label still
+    teaching (rule 3, A_y), is the loss sane, does the held-out metric move, and are the
+    completions running into --max-new-tokens. Faint: each step; bold: a running mean of 10."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    steps, evals = read_run(out_dir)
+    if not steps and not evals:
+        raise ValueError(f"{os.path.join(out_dir, 'metrics.jsonl')} holds no steps yet")
+    has = lambda k: any(k in r for r in steps)
+    why_not = ("no rollouts (--mode sft)" if not has("reward") else
+               "no label in the group (--mode grpo)")
+
+    def curve(ax, key, label, color, style="-"):
+        xs = [r["step"] for r in steps if key in r]
+        ys = np.array([r[key] for r in steps if key in r], dtype=float)
+        if not xs:
+            return
+        ax.plot(xs, ys, color=color, alpha=0.25, lw=1)
+        c, i = np.concatenate([[0.0], np.cumsum(ys)]), np.arange(1, len(ys) + 1)
+        ax.plot(xs, (c[i] - c[np.maximum(0, i - 10)]) / np.minimum(i, 10), style, color=color, lw=2, label=label)
+
+    def empty(ax, text):
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    (a_rew, a_gt, a_adv), (a_loss, a_eval, a_len) = axes
+    a_rew.set_title("rollout reward = w·think + answer")
+    if has("reward"):
+        curve(a_rew, "reward_answer", "answer", "tab:blue")
+        curve(a_rew, "reward_think", "think", "tab:orange")
+        curve(a_rew, "reward", "total", "black", "--")  # dashed: it lies on the answer while think is 0
+    else:
+        empty(a_rew, why_not)
+    a_gt.set_title("the label: its reward after control, and rule 3")
+    if has("gt_reward"):
+        curve(a_gt, "gt_reward", "label's reward (gt_reward)", "tab:green")
+        curve(a_gt, "gt_smoothed", "groups where rule 3 fired (gt_smoothed)", "tab:purple")
+    else:
+        empty(a_gt, why_not)
+    a_adv.set_title("mean A_y, the label's advantage (gt_advantage)")
+    if has("gt_advantage"):
+        a_adv.axhline(0, color="gray", lw=0.5)
+        curve(a_adv, "gt_advantage", "A_y", "tab:red")
+    else:
+        empty(a_adv, why_not)
+    a_loss.set_title("loss")
+    curve(a_loss, "loss", "loss", "black")
+    a_eval.set_title("held out, at each evaluation")
+    if evals:
+        task = evals[-1]["eval"].get("task")
+        keys = {"classification": ["accuracy"], "grounding": ["mIoU", "acc@0.5"],
+                "detection": ["mAP", "AP50"]}.get(task, [])
+        for key, color in zip(keys, ["tab:blue", "tab:green"]):
+            pts = [(r["step"], r["eval"][key]) for r in evals if key in r["eval"]]
+            if pts:
+                a_eval.plot(*zip(*pts), "o-", color=color, label=key)
+        pts = [(r["step"], r["eval"]["parse_failure_rate"]) for r in evals if "parse_failure_rate" in r["eval"]]
+        if pts and task != "detection":  # mAP is in %, the rate is not
+            a_eval.plot(*zip(*pts), "o--", color="gray", label="parse_failure_rate")
+    else:
+        empty(a_eval, "no held-out set")
+    a_len.set_title("completions: mean length (tokens), truncated")
+    curve(a_len, "completion_length", "rollouts", "tab:blue")
+    curve(a_len, "gt_length", "label", "tab:green")
+    if has("truncated"):
+        frac = a_len.twinx()
+        curve(frac, "truncated", "hit --max-new-tokens (right axis)", "tab:red", "--")
+        frac.set_ylim(-0.02, 1.02)
+        handles = [sum(pair, []) for pair in zip(a_len.get_legend_handles_labels(), frac.get_legend_handles_labels())]
+        frac.legend(*handles, loc="best", fontsize=8)  # one legend: the twin axis would hide the other
+        a_len.set_xlabel("step")
+        a_len.grid(alpha=0.3)
+    if not has("completion_length") and not has("gt_length"):
+        empty(a_len, "no completion lengths in this metrics.jsonl")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0] and not (ax is a_len and has("truncated")):  # that one is drawn
+            ax.legend(loc="best", fontsize=8)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    last = max(r["step"] for r in steps + evals)
+    fig.suptitle(f"{os.path.normpath(out_dir)}: step {last}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "curves.png")
+    fig.savefig(path + ".tmp.png", dpi=100)  # swapped in whole: a viewer never sees half a picture
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path, len(steps), len(evals)
+
+
+def plot_command(out_dir):
+    """python visurf.py --plot OUT: redraw OUT/curves.png, no model, no torch."""
+    if not os.path.isdir(out_dir):
+        die(f"--plot {out_dir}: no such folder")
+    if not os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        die(f"--plot {out_dir}: no metrics.jsonl there (the --output-dir of a run)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        die("--plot needs matplotlib (pip install matplotlib)")
+    try:
+        path, n_steps, n_evals = plot_curves(out_dir)
+    except (OSError, ValueError) as e:
+        die(f"--plot {out_dir}: {one_line(e)}")
+    print(f"wrote {path} ({n_steps} steps, {n_evals} evaluations)")
+
+
 if __name__ == "__main__":
-    parse_args()  # exits here on --help or a bad flag
+    _flags = parse_args()  # exits here on --help or a bad flag
+    if _flags.plot:  # a picture needs neither torch nor a model
+        plot_command(_flags.plot)
+        sys.exit(0)
     # Ctrl-C while torch and transformers load (seconds): one line, not an import's traceback
     signal.signal(signal.SIGINT, lambda *_: die("interrupted; nothing was written", code=130))
 
@@ -295,15 +506,24 @@ def group_advantages(rewards_):
     return ((r - r.mean()) / (r.std() + 1e-6)).float()
 
 
-def policy_loss(logp, old_logp, adv, clip_eps, ref_logp=None, beta=0.0):
-    """Clipped policy-gradient loss per completion token. -> [N, T]"""
+def policy_loss(logp, old_logp, adv, eps_low, eps_high=None, ref_logp=None, beta=0.0):
+    """Clipped policy-gradient loss per completion token, the ratio kept in [1 - eps_low,
+    1 + eps_high] (eps_high: DAPO's clip-higher; default eps_low). -> [N, T]"""
+    eps_high = eps_low if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp)                                  # [N, T]
     a = adv[:, None]                                                    # [N, 1]
-    per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     if beta > 0:  # k3 estimate of KL(pi || pi_ref), always >= 0
         d = ref_logp - logp
         per_token = per_token + beta * (torch.exp(d) - d - 1)
     return per_token
+
+
+def clipped(logp, old_logp, adv, eps_low, eps_high):
+    """Where the clip acts: the ratio is past the bound on the side its advantage pushes
+    toward, so the token's gradient is 0 (TRL's clip_ratio/region_mean counts the same). -> [N, T]"""
+    ratio, a = torch.exp(logp - old_logp), adv[:, None]
+    return ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
 
 
 def aggregate(per_token, mask, how, n_seqs, n_tokens):
@@ -665,6 +885,8 @@ def make_groups(model, processor, samples, conv, args):
     label_texts = [data.gt_completion(s, conv, align="align" not in args.ablate) for s in samples]
     labels = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in label_texts]
     stats = {"t_generate": 0.0, "gen_tokens": 0}
+    if args.mode != "grpo":  # the label is trained on: its length, end token included
+        stats["gt_length"] = float(np.mean([len(l) for l in labels]))
     if args.mode == "sft":
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
@@ -673,6 +895,10 @@ def make_groups(model, processor, samples, conv, args):
         rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             kv_cache=args.kv_cache, dtype=compute_dtype(args, device))
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
+    # truncated: no end token, so the rollout ran into --max-new-tokens (TRL's completions/clipped_ratio)
+    ends = set(end_ids(tok))
+    stats.update(completion_length=stats["gen_tokens"] / len(rollouts),
+                 truncated=float(np.mean([c[-1] not in ends for c in rollouts])))
     t = time.time()
     completions, advantages, parts_all, r_gt, fired, a_gt = [], [], [], [], [], []
     for b, s in enumerate(samples):
@@ -729,6 +955,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
     logprobs = ddp or (lambda *a: token_logprobs(model, *a))
     mb = args.micro_batch or B
     old, ref, loss_total, t_fb, t_opt, skipped = {}, {}, 0.0, 0.0, 0.0, 0
+    n_clipped, n_counted = 0.0, 0.0  # completion tokens whose ratio was clipped, over every epoch
     model.train()
     for epoch in range(args.ppo_epochs):
         t, loss_epoch = time.time(), 0.0
@@ -748,7 +975,11 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
                         if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
                             with torch.no_grad():
                                 ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
-                        per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, ref.get(b0), args.beta)
+                        per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, args.clip_eps_high,
+                                                ref.get(b0), args.beta)
+                        n_clipped += float((clipped(logp.detach(), old[b0], adv[rows], args.clip_eps,
+                                                    args.clip_eps_high) * mask).sum())
+                        n_counted += float(mask.sum())
                     # DDP averages over processes what must be summed: scale by their number
                     loss = aggregate(per_token, mask, args.loss_agg, n_seqs, n_tokens) * world_size()
                 loss.backward()
@@ -766,7 +997,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
         loss_total += loss_epoch / args.ppo_epochs
         t_opt += time.time() - t
     return dict(loss=loss_total, grad_norm=float(grad_norm), t_forward_backward=t_fb, t_optimizer=t_opt,
-                sequences=len(completions), skipped=skipped)
+                sequences=len(completions), skipped=skipped, **({"clip_frac": n_clipped / n_counted} if n_counted else {}))
 
 
 # -----------------------------------------------------------------------------
@@ -1140,7 +1371,7 @@ def load_data(args):
 
 
 RUN_FILES = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.jsonl", "eval.json", "predictions.jsonl",
-             "coco_results.json")
+             "coco_results.json", "curves.png", "tensorboard", "wandb")
 
 
 def prepare_output_dir(args):
@@ -1274,6 +1505,8 @@ def main(argv=None):
 
 def run(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        return plot_command(args.plot)
     if args.device:  # checked before anything is loaded
         try:
             device = torch.device(args.device)
@@ -1292,6 +1525,10 @@ def run(argv=None):
     if args.resume:
         resume_healed(args)  # the other processes follow the lead's healing
     state = load_trainer_state(args.resume, args) if args.resume else None
+    report = open_report(args.report_to, args.output_dir, args, state["step"] if state else 0) if lead else None
+    plotting = lead and importlib.util.find_spec("matplotlib") is not None
+    if lead and not plotting:
+        print("note: matplotlib is not installed, so no curves.png (pip install matplotlib)")
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -1360,8 +1597,17 @@ def run(argv=None):
 
     def log(record):  # NaN and inf are not JSON: null
         with open(metrics_path, "a") as f:
-            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in record.items()}) + "\n")
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            f.write(json.dumps(record) + "\n")
+        if report:
+            report[0](record)
+
+    def draw():  # curves.png at each save and at the end; a picture that fails never stops the run
+        if plotting:
+            try:
+                plot_curves(args.output_dir)
+            except Exception as e:
+                print(f"warning: curves.png not drawn ({one_line(e)})")
 
     def run_eval(step):  # on the lead process only; the others wait at their next collective
         result, _ = evaluate(model, processor, held, conv, args, info)
@@ -1379,6 +1625,7 @@ def run(argv=None):
     rng = rng_state()  # the RNG as the next step will find it: what a resume must restore
 
     def save():
+        draw()
         try:
             return save_checkpoint(args.output_dir, model, processor, optimizer, step, gather_rng(rng), args, lead)
         except Exception as e:  # a full disk or quota: what was saved before is still in place
@@ -1443,7 +1690,10 @@ def run(argv=None):
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
     if lead:
-        print(f"saved {path}")
+        draw()
+        if report:
+            report[1]()
+        print(f"saved {path}" + (f"; curves in {os.path.join(args.output_dir, 'curves.png')}" if plotting else ""))
     # DDP's reducer must not hold the last reference to the process group: freed from it, with
     # the interpreter lock held, gloo's destructor waits on a worker that needs that lock
     ddp = None
@@ -1465,12 +1715,15 @@ def peak_memory_gb(device):
 
 
 def progress_line(m, step, args, eta):
-    """step, rewards, the ground truth's share, loss, throughput, ETA, and the phase profile."""
+    """step, rewards, the ground truth's share, completion lengths, loss, throughput, ETA, and the phase profile."""
     line = f"step {step}/{args.steps} | "
     if args.mode != "sft":
         line += f"reward {m['reward']:.3f} (think {m['reward_think']:.2f} answer {m['reward_answer']:.2f}) | "
     if args.mode == "visurf":
         line += f"gt {m['gt_reward']:.2f} smoothed {m['gt_smoothed']:.2f} A_y {m['gt_advantage']:+.2f} | "
+    if args.mode != "sft":  # lengths in tokens; trunc: the share of rollouts that hit --max-new-tokens
+        line += (f"len {m['completion_length']:.1f}" + (f" (label {m['gt_length']:.0f})" if "gt_length" in m else "")
+                 + f" trunc {m['truncated']:.2f}" + (f" clip {m['clip_frac']:.3f}" if args.ppo_epochs > 1 else "") + " | ")
     line += (f"loss {m['loss']:+.4f} | {m['sequences'] / m['seconds']:.1f} samples/s "
              f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))} | ")
     if args.mode != "sft":
