@@ -1211,7 +1211,7 @@ def load_trainer_state(path, args):
         elif k not in SAFE_TO_CHANGE and k in vars(args) and getattr(args, k) != v:
             flag = "--" + k.replace("_", "-")
             die(f"--resume: this run had {flag} {v!r}, now {getattr(args, k)!r}; resume with the run's own "
-                f"flags (--steps, --save-every, --eval-every and a few more may change: README, Resuming) "
+                f"flags (--steps, --save-every, --eval-every and a few more may change: docs/outputs.md) "
                 f"or start afresh in another --output-dir")
     return state
 
