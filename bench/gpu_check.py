@@ -24,6 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # vs_trl, beside this file
 import data  # noqa: E402
 import visurf  # noqa: E402
 from vs_trl import build_weights, prompts  # noqa: E402
