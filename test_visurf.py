@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -2115,7 +2116,7 @@ DDP_SCRIPT = r'''
 import copy, sys, torch
 sys.path.insert(0, sys.argv[1])
 import data, visurf
-out = sys.argv[2]
+out, engine = sys.argv[2], sys.argv[3]
 args = visurf.parse_args(["--group-size", "2"])
 rank, world = visurf.init_distributed(args)
 base, processor, conv = visurf.load_model("tiny", args)
@@ -2136,9 +2137,18 @@ for mode, agg, mb in [(m, a, None) for m in ("visurf", "grpo", "sft") for a in (
     model = copy.deepcopy(base)
     prompts = visurf.encode_prompts(processor, samples[rank * share:(rank + 1) * share], conv, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    ddp = visurf.distributed_logprobs(model, torch.device("cpu")) if world > 1 else None
+    if world > 1 and engine == "fsdp":
+        ddp = visurf.shard(model, a)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # over the shards
+    else:
+        ddp = visurf.distributed_logprobs(model, torch.device("cpu")) if world > 1 else None
     m = visurf.all_mean(visurf.update(model, opt, prompts, comps[rows], adv[rows], per, a, None, ddp))
-    results[f"{mode} {agg} {mb}"] = (m["loss"], {k: v.clone() for k, v in model.state_dict().items()})
+    if world > 1 and engine == "fsdp":  # the whole weights, gathered from the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+    results[f"{mode} {agg} {mb}"] = (m["loss"], weights)
 if rank == 0:
     torch.save(results, out)
 '''
@@ -2149,15 +2159,18 @@ def torchrun(*argv, nproc=2):
                            str(nproc), *argv], capture_output=True, text=True, cwd=tempfile.mkdtemp(), timeout=600)
 
 
-def test_two_processes_make_the_one_process_update(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_make_the_one_process_update(tmp_path, engine):
     """B = 4 prompts with given completions and advantages: 2 processes x 2 prompts under torchrun
-    give the same loss and the same weights afterwards as 1 process x 4, for every mode and loss
-    aggregation (the denominators are summed over processes; DDP averages the gradients)."""
+    give the same loss and the same weights afterwards as 1 process x 4, in float64, for every mode
+    and loss aggregation and with micro-batches (the denominators are summed over processes; DDP
+    averages the gradients; FSDP2 shards layers, vision blocks and the root, and reduce-scatters)."""
     script = tmp_path / "ddp_update.py"
     script.write_text(DDP_SCRIPT)
-    p = torchrun(str(script), HERE, str(tmp_path / "two.pt"))
+    p = torchrun(str(script), HERE, str(tmp_path / "two.pt"), engine)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt"), engine], capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
     assert two.keys() == one.keys() and len(one) == 10
@@ -2190,6 +2203,43 @@ def test_a_run_under_torchrun_logs_saves_and_resumes_exactly(tmp_path):
     # a checkpoint of 2 processes is refused by 1, in one line
     rc, _, err = cli(*base, "--steps", "5", "--output-dir", str(part), "--resume", str(part / "checkpoint"))
     assert_clean_error(rc, err, "saved by 2 process(es), resumed with 1")
+
+
+def test_a_sharded_run_trains_saves_resumes_and_loads_like_one(tmp_path):
+    """torchrun --fsdp: 4 steps, against 2 then 2 more resumed after a kill in the middle of a
+    sharded save: the same metrics and weights; the checkpoint is plain Hugging Face (with the
+    shards beside it) and holds the trained weights; another number of processes is refused."""
+    base = ["--fsdp", "--steps", "4", "--batch-size", "2", "--group-size", "2", "--shots", "1", "--eval-limit", "2",
+            "--save-every", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--output-dir", str(full))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("step 4/4") == 1 and "after training:" in p.stdout
+    ck = full / "checkpoint"
+    assert sorted(os.listdir(ck / "sharded")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from transformers import AutoModelForImageTextToText
+    trained = AutoModelForImageTextToText.from_pretrained(str(ck)).state_dict()
+    init = visurf.build_tiny(0)[0].state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
+    assert torchrun(os.path.join(HERE, "visurf.py"), *base[:2], "2", *base[3:], "--output-dir", str(part)).returncode == 0
+    # a kill while the processes wrote their shards: a partial checkpoint.tmp beside the complete checkpoint
+    os.makedirs(part / "checkpoint.tmp" / "sharded")
+    shutil.copy(part / "checkpoint" / "sharded" / "__0_0.distcp", part / "checkpoint.tmp" / "sharded")
+    p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--resume", str(part / "checkpoint"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    for a, b in zip(step_metrics(full), step_metrics(part), strict=True):
+        for k in ("step", "loss", "reward", "grad_norm", "gt_advantage"):
+            assert a[k] == b[k], (a["step"], k)
+    resumed = AutoModelForImageTextToText.from_pretrained(str(part / "checkpoint")).state_dict()
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+    p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--steps", "6", "--resume", str(part / "checkpoint"), nproc=1)
+    assert p.returncode != 0 and "saved by 2 process(es), resumed with 1" in p.stderr
+    assert "Traceback" not in "".join(l for l in p.stderr.splitlines(True) if "error:" in l)
+
+
+def test_fsdp_without_torchrun_is_one_line():
+    rc, _, err = cli("--fsdp", "--steps", "1")
+    assert_clean_error(rc, err, "torchrun --nproc_per_node 2 visurf.py --fsdp")
 
 
 # =============================================================================

@@ -17,8 +17,9 @@ One ViSurf step, in the order this file follows:
     python visurf.py --eval --model runs/x/checkpoint --data val.json --images val2017
 
 What is simplified, on purpose:
-- one device per process; several GPUs through torchrun are plain data parallelism (DDP)
-  over whole groups: no vLLM, no DeepSpeed, no sharded weights;
+- one device per process; several GPUs through torchrun are data parallelism over whole
+  groups, on PyTorch's own DDP, or FSDP2 with --fsdp (sharded weights, gradients, AdamW
+  state); no vLLM, no DeepSpeed;
 - the ratio is per token, as in GRPO; with one update per batch (--ppo-epochs 1) it
   is exactly 1, so pi_old is the detached policy and no extra forward pass is made;
 - KL against a frozen copy (k3 estimator) only when --beta > 0; ViSurf uses none;
@@ -137,6 +138,9 @@ def parse_args(argv=None):
     g.add_argument("--precision", choices=["bf16", "fp32"],
                    help="bf16: bf16 autocast over fp32 master weights; fp32: plain fp32 (default: bf16 on CUDA, "
                    "fp32 on CPU; bf16 runs on CPU too, which is how the tests run the GPU's arithmetic)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2); "
+                   "default: each process holds them whole (DDP)")
     g.add_argument("--kv-cache", default="auto", choices=["auto", "dynamic", "static", "compiled"],
                    help="decoding's key/value cache: dynamic (grows), static (preallocated, reused), compiled "
                    "(static, and transformers compiles the decode step); auto: static on CUDA, else dynamic")
@@ -201,6 +205,9 @@ def parse_args(argv=None):
         die("--eval-data goes with --data (the synthetic task brings its own held-out set)")
     if args.eval_images and not args.eval_data:
         die("--eval-images goes with --eval-data")
+    if args.fsdp and "RANK" not in os.environ:
+        die("--fsdp shards the model over processes: start it with torchrun, e.g. "
+            "torchrun --nproc_per_node 2 visurf.py --fsdp ...")
     if args.output_dir is None:  # a resumed run continues in its own folder, not in a second one
         args.output_dir = (os.path.dirname(saved_checkpoint(args.resume)) or ".") if args.resume else "runs/default"
     if args.clip_eps_high is None:  # symmetric clipping unless asked otherwise
@@ -749,7 +756,10 @@ def generate(model, processor, prompts, n, max_new_tokens, greedy=False, min_new
     if static:
         cache = static_cache(model, cache, text["input_ids"].shape[1] + max_new_tokens, dtype)
     idx = torch.arange(text["input_ids"].shape[0], device=text["input_ids"].device).repeat_interleave(n)
-    out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache, generation_config=
+    # synced_gpus off: transformers turns it on for a sharded model, where every process steps
+    # until all are done; here each decodes with whole weights (whole_weights), on its own
+    out = model.generate(**{k: v[idx] for k, v in text.items()}, past_key_values=cache, synced_gpus=False,
+                         generation_config=
                          generation_config(tok, max_new_tokens, greedy, min_new_tokens, compile=kv_cache == "compiled"))
     rows = out[:, text["input_ids"].shape[1]:].tolist()             # [B*n, T], padded after the end
     ends = set(end_ids(tok))
@@ -891,7 +901,7 @@ def make_groups(model, processor, samples, conv, args):
         return prompts, labels, torch.ones(len(samples)), 1, stats
     t = time.time()
     model.eval()  # in train mode, gradient checkpointing would switch off the KV cache
-    with torch.no_grad(), autocast(args, device):
+    with torch.no_grad(), autocast(args, device), whole_weights(model):
         rollouts = generate(model, processor, prompts, G, args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                             kv_cache=args.kv_cache, dtype=compute_dtype(args, device))
     stats["t_generate"], stats["gen_tokens"] = time.time() - t, sum(map(len, rollouts))
@@ -963,8 +973,10 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
             b1 = min(B, b0 + mb)
             rows = slice(b0 * per, b1 * per)
             sub = select_prompts(prompts, torch.arange(b0, b1, device=device))
-            last = b1 == B  # DDP averages gradients once, in the last micro-batch's backward
-            with ddp.no_sync() if ddp and not last else contextlib.nullcontext():
+            # DDP averages gradients once, in the last micro-batch's backward; FSDP reduce-scatters
+            # each one's (keeping whole gradients until the last would undo the sharding)
+            sync = b1 == B or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else ddp.no_sync():
                 with autocast(args, device):
                     logp, mask = logprobs(sub, completions[rows], per)
                     if args.mode == "sft":
@@ -1152,11 +1164,13 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
     swap `checkpoint.old` and a complete `checkpoint.tmp` (heal_checkpoint takes it)."""
     path = os.path.join(out_dir, "checkpoint")
     tmp, old = path + ".tmp", path + ".old"
-    if not lead:  # under torchrun, one process writes
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+    whole = save_shards(tmp, model, optimizer)  # sharded (FSDP): every process writes its part first
+    if not lead:  # under torchrun, one process writes the rest
         return path
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=whole)
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "chat_template.json"), "w") as f:  # what a processor reads
@@ -1168,7 +1182,8 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
             json.dump(dict(pre, processor_class="Qwen2_5_VLProcessor" if model.config.model_type == "qwen2_5_vl"
                            else "Qwen2VLProcessor"), f, indent=1)
         # the trainer state last, and by a rename: its presence marks a complete checkpoint
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "args": vars(args)},
+        torch.save({"step": step, "optimizer": None if whole else optimizer.state_dict(), "rng": rngs,
+                    "args": vars(args)},
                    os.path.join(tmp, "trainer_state.pt.part"))
         os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(old, ignore_errors=True)  # left by a kill during the last clean-up
@@ -1248,7 +1263,7 @@ def batch_for_step(n, batch_size, seed, step):
 
 
 # -----------------------------------------------------------------------------
-# Several processes (torchrun): data parallel over whole groups, on PyTorch's DDP
+# Several processes (torchrun): data parallel over whole groups, on PyTorch's DDP or FSDP2
 
 class PolicyLogProbs(torch.nn.Module):
     """token_logprobs as a module's forward: what DistributedDataParallel wraps, so that
@@ -1274,6 +1289,76 @@ def check_processes(args):
         if os.environ.get("RANK") == "0":
             die(problem)
         sys.exit(2)
+
+
+def shard(model, args):
+    """FSDP2 (--fsdp): each decoder layer, each vision block, and the root module whose
+    forward computes the log-probabilities hold 1/world of their weights, gradients and
+    AdamW state; the root owns the rest (embeddings, the tied LM head, norms, the vision
+    tower's patch embedding and merger), so the LM head's own autograd function reads its
+    weight whole. bf16: FSDP's own policy (bf16 compute, fp32 master shards, fp32 gradient
+    reduction). -> the root, which update() calls as it calls DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if args.precision == "bf16" else MixedPrecisionPolicy())
+    root = PolicyLogProbs(model)
+    for block in [*model.model.language_model.layers, *model.model.visual.blocks]:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+    # generate runs the layers before the root ever runs, and FSDP2 would take the first module
+    # to run for its root: initialise the real one now (torch 2.13 has no public call for it)
+    root._get_fsdp_state()._lazy_init()
+    model.__dict__["_visurf_fsdp_root"] = root  # for whole_weights; not a module attribute: never saved
+    return root
+
+
+@contextlib.contextmanager
+def whole_weights(model):
+    """Decoding with sharded weights (FSDP): gather every weight once for the whole call, not
+    once per layer per token, then shard again. Collective: every process enters. Without
+    sharding there is nothing to do."""
+    root = model.__dict__.get("_visurf_fsdp_root")
+    if root is None:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    groups = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    root.set_reshard_after_forward(False)
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        root.set_reshard_after_forward(True)
+        root.set_reshard_after_forward(False, recurse=False)  # FSDP's default for a root
+        for m in groups:
+            m.reshard()
+
+
+def save_shards(path, model, optimizer):
+    """FSDP: every process's shard of the model and of AdamW's state into PATH/sharded
+    (torch.distributed.checkpoint), and the whole model gathered for the lead process's
+    save_pretrained. -> that state dict (None without sharding, or on the other processes)."""
+    if "_visurf_fsdp_root" not in model.__dict__:
+        return None
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    barrier()  # the lead process has cleared PATH
+    shards, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": shards, "optimizer": optim}, checkpoint_id=os.path.join(path, "sharded"))
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return whole if dist.get_rank() == 0 else None
+
+
+def load_shards(path, model, optimizer):
+    """The model's and AdamW's shards back from PATH/sharded, as save_shards wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    if not os.path.isdir(os.path.join(path, "sharded")):
+        die(f"--resume {path}: not a sharded checkpoint (no sharded/); resume it without --fsdp")
+    shards, optim = get_state_dict(model, optimizer)
+    dcp.load({"model": shards, "optimizer": optim}, checkpoint_id=os.path.join(path, "sharded"))
+    set_state_dict(model, optimizer, model_state_dict=shards, optim_state_dict=optim)
 
 
 def init_distributed(args):
@@ -1567,16 +1652,21 @@ def run(argv=None):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    # under torchrun: gradients averaged over the processes (DDP), or everything sharded (FSDP),
+    # before the optimizer is made: FSDP replaces the parameters by their shards
+    ddp = shard(model, args) if args.fsdp else distributed_logprobs(model, device) if world > 1 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=True)  # one kernel, not a loop
     if world > 1:  # each process samples its own rollouts; the weights start (and stay) equal
         torch.manual_seed(args.seed + rank)
-    ddp = distributed_logprobs(model, device) if world > 1 else None
     metrics_path, start, kept = os.path.join(args.output_dir, "metrics.jsonl"), 0, []
     if state:
-        optimizer.load_state_dict(state.pop("optimizer"))  # copied to the weights' device; the CPU copy goes
+        set_rng_state(own_rng(state["rng"], rank, world, args.resume))  # (refuses another number of processes)
+        if args.fsdp:
+            load_shards(args.resume, model, optimizer)
+        else:
+            optimizer.load_state_dict(state.pop("optimizer"))  # copied to the weights' device; the CPU copy goes
         start = state["step"]
-        set_rng_state(own_rng(state["rng"], rank, world, args.resume))
         kept = read_metrics(metrics_path, start) if lead else []
         if start >= args.steps:
             if lead:
@@ -1609,15 +1699,18 @@ def run(argv=None):
             except Exception as e:
                 print(f"warning: curves.png not drawn ({one_line(e)})")
 
-    def run_eval(step):  # on the lead process only; the others wait at their next collective
-        result, _ = evaluate(model, processor, held, conv, args, info)
-        log(dict(step=step, eval=result))
+    def run_eval(step):  # the lead process evaluates; the others wait at their next collective
+        with whole_weights(model):  # sharded weights are gathered by every process, then the lead decodes
+            result = evaluate(model, processor, held, conv, args, info)[0] if lead else None
+        if lead:
+            log(dict(step=step, eval=result))
         return result
 
     before = next((json.loads(l)["eval"] for l in kept if '"eval"' in l and json.loads(l)["step"] == 0), None)
-    if held and start == 0 and lead:
+    if held and start == 0:
         before = run_eval(0)
-        print(f"before training: {headline(before)}")
+        if lead:
+            print(f"before training: {headline(before)}")
     step, t_start = start, time.time()
     # steps whose update was skipped (non-finite), over the whole run: a resume counts on
     skipped = next((json.loads(l).get("skipped_steps", 0) for l in reversed(kept) if '"loss"' in l), 0)
@@ -1668,8 +1761,10 @@ def run(argv=None):
             if in_a_row >= DIVERGED:  # the weights are still those of the last good step: nothing more is saved
                 die(f"training diverged: steps {step - DIVERGED + 1}-{step} had a non-finite loss or gradient and were "
                     f"skipped; {checkpoint_note(args.output_dir)}; try a lower --lr (now {args.lr:g})", code=1)
-            if args.eval_every and step % args.eval_every == 0 and held and step < args.steps and lead:
-                print(f"eval at step {step}: {headline(run_eval(step))}")
+            if args.eval_every and step % args.eval_every == 0 and held and step < args.steps:
+                result = run_eval(step)
+                if lead:
+                    print(f"eval at step {step}: {headline(result)}")
             if step % args.save_every == 0 and step < args.steps:
                 save()
         path = save()
@@ -1686,7 +1781,7 @@ def run(argv=None):
     if stop:
         print(f"interrupted: saved step {step} to {path}; continue with --resume {path}")
         sys.exit(128 + stop[0])
-    after = run_eval(step) if held and lead else None
+    after = run_eval(step) if held else None
     if after:
         print(f"after training:  {headline(after)}" + (f"  (before: {headline(before)})" if before else ""))
     if lead:
