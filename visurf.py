@@ -460,11 +460,16 @@ def add_adapters(model, args):
                 wrapped = peft.get_peft_model(model, config)
             except ValueError as e:  # no module matched, or one peft cannot adapt
                 die(f"--lora-modules {args.lora_modules!r}: {one_line(e)}")
-    for name, module in model.named_modules():  # chunked_logprobs reads the LM head's weight itself
-        if isinstance(module, peft.tuners.lora.LoraLayer) and (
-                name == "lm_head" or not isinstance(module.get_base_layer(), torch.nn.Linear)):
+    for name, module in model.named_modules():
+        if not isinstance(module, peft.tuners.lora.LoraLayer):
+            continue
+        # chunked_logprobs reads the LM head's weight directly: an adapter there would be skipped
+        if name == "lm_head" or not isinstance(module.get_base_layer(), torch.nn.Linear):
             die(f"--lora-modules {args.lora_modules!r} matches {name}: adapters go on the Linear layers of the "
                 f"language model and the vision tower, not on the LM head")
+        # peft casts a bf16 input to the fp32 adapter's dtype, and autocast casts it back: the same
+        # numbers, but one more saved copy of the input per adapter (q, k, v: three). Autocast alone.
+        module.cast_input_dtype_enabled = False
     model.__dict__["_visurf_peft"] = wrapped  # not an attribute nn.Module sees: no submodule, never saved
     return model
 
