@@ -2026,6 +2026,23 @@ def test_lora_run_saves_a_merged_model_and_resumes_exactly(tmp_path, capsys):
     assert result["n"] == 4 and "accuracy" in printed.out
 
 
+def test_lora_on_qwen2_5_vl_leaves_its_vision_mlp_alone(tiny):
+    """Qwen2.5-VL's vision blocks have gate/up/down projections too: the default --lora-modules
+    puts adapters on the language model's only, and the adapted model starts as the base."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    c = tiny[0].config
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=c.text_config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2))
+    torch.manual_seed(0)
+    base = Qwen2_5_VLForConditionalGeneration(config)
+    assert any(n.endswith("visual.blocks.0.mlp.gate_proj") for n, _ in base.named_modules())
+    model, trained = with_adapters(base)
+    assert len({n.split(".lora_")[0] for n in trained}) == 14 and all(".language_model." in n for n in trained)
+
+
 def test_lora_without_peft_is_one_line(tmp_path):
     """peft is optional: without it --lora says what to install, in one line, before loading."""
     code = ("import sys, runpy; sys.modules['peft'] = None; sys.argv = ['visurf.py', '--lora', '8', '--output-dir', "
