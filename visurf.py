@@ -476,10 +476,11 @@ def add_adapters(model, args):
 
 def freeze(model, args, dtype):
     """--freeze-vision freezes the vision tower (--lora has frozen all but the adapters), and
-    every frozen weight is then held in the compute dtype: under bf16 autocast each is cast to
-    bf16 in every product anyway, so a bf16 copy computes alike at half the memory, and it
-    never takes an update that bf16 would round away. Trained weights stay fp32 masters;
-    under fp32 nothing changes. The tied embedding and LM head are one parameter, cast once."""
+    every frozen weight is then held in the compute dtype: under bf16 autocast every product
+    casts it to bf16 anyway (the same numbers; norms and embeddings now read bf16-rounded
+    weights), at half the memory, and a frozen weight takes no update for bf16 to round away.
+    Trained weights stay fp32 masters; under fp32 nothing changes. The tied embedding and LM
+    head are one parameter, cast once."""
     if args.freeze_vision:
         model.model.visual.requires_grad_(False)
     for p in model.parameters():
@@ -505,7 +506,7 @@ def save_weights(model, path):
         return model.save_pretrained(path)  # plain already
     state, fp32 = {}, {}
     as_fp32 = lambda t: fp32.setdefault(id(t), t.detach().float().cpu())  # tied tensors stay one tensor
-    for key, t in model.state_dict().items():
+    for key, t in model.state_dict(keep_vars=True).items():  # the parameters themselves: ties share an id
         if ".lora_" in key:  # lora_A, lora_B: merged below
             continue
         name, _, leaf = key.rpartition(".base_layer.")  # name "": not an adapted layer's tensor
