@@ -2110,6 +2110,197 @@ def test_wandb_offline_run(tmp_path):
 
 
 # =============================================================================
+# LoRA adapters (--lora): peft on the same model, frozen weights in the compute dtype
+
+def with_adapters(model, *flags, randomise=False):
+    """A copy of `model` with LoRA adapters (visurf.add_adapters), and their parameters' names.
+    randomise: B drawn at random instead of peft's zeros, so A's gradient is not zero."""
+    import copy
+    pytest.importorskip("peft", reason="--lora needs peft: pip install peft")
+    model = visurf.add_adapters(copy.deepcopy(model), visurf.parse_args(["--lora", "4", *flags]))
+    if randomise:
+        torch.manual_seed(3)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.2)
+    return model, {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_inputs(processor, conv):
+    samples = [data.synthetic("grounding", 1, 0)[0], data.synthetic("classification", 1, 0)[0]]
+    return visurf.encode_prompts(processor, samples, conv, "cpu"), [[5, 6, 7, 8], [9, 10], [11, 12, 13], [5]]
+
+
+def test_lora_starts_as_the_base_exactly_and_its_reference_is_the_base(tiny):
+    """At initialisation (B = 0) the adapted model's log-probs are the base's, bit for bit; only
+    the adapters train (fp32), on every linear layer of the language model and none of the vision
+    tower; with the adapters off (the --beta reference) a trained model is the base again."""
+    base, processor, conv, _ = tiny
+    prompts, comps = lora_inputs(processor, conv)
+    want = visurf.token_logprobs(base, prompts, comps, 2)[0].detach()
+    model, trained = with_adapters(base)
+    assert trained and all("lora_" in n and ".language_model." in n for n in trained)
+    layers = {n.split(".lora_")[0] for n in trained}
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
+    assert torch.equal(visurf.token_logprobs(model, prompts, comps, 2)[0].detach(), want)
+    moved, _ = with_adapters(base, randomise=True)
+    assert not torch.equal(visurf.token_logprobs(moved, prompts, comps, 2)[0].detach(), want)
+    with visurf.adapters_off(moved):
+        assert torch.equal(visurf.token_logprobs(moved, prompts, comps, 2)[0].detach(), want)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_lora_step_moves_only_the_adapters(tiny, precision):
+    """One training step (main's set-up: add_adapters, freeze, AdamW over what trains): the
+    adapters move, every other tensor is bit-identical. Under bf16 the frozen weights are held
+    in bf16 (the tied embedding and LM head still one tensor), the adapters and AdamW's state
+    in fp32, and the step is finite; under fp32 everything stays fp32."""
+    base, processor, conv, _ = tiny
+    args = visurf.parse_args(["--lora", "4", "--precision", precision, "--group-size", "3", "--max-new-tokens", "6",
+                              "--lr", "1e-2", "--beta", "0.05"])
+    model, trained = with_adapters(base)
+    dtype = visurf.compute_dtype(args, torch.device("cpu"))
+    visurf.freeze(model, args, dtype)
+    for n, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if n in trained else dtype), n
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True)
+    torch.manual_seed(0)
+    for _ in range(2):  # B moves first (A's gradient is 0 while B is), then A too
+        m = visurf.train_step(model, processor, opt, data.synthetic("classification", 2, 1), conv, args, model)
+        assert math.isfinite(m["loss"]) and m["skipped"] == 0 and m["grad_norm"] > 0
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]) != (".lora_" in k), k
+    assert all(s.dtype == torch.float32 for st in opt.state.values() for s in st.values() if s.is_floating_point())
+
+
+def test_label_term_is_scaled_sft_gradient_for_the_adapters(tiny64):
+    """SPEC §1's identity over the adapter parameters (the only ones that train), float64."""
+    model, processor, conv, args = tiny64
+    lora, trained = with_adapters(model, randomise=True)
+    assert {n for n, p in lora.named_parameters() if p.requires_grad} == trained
+    test_label_term_is_scaled_sft_gradient((lora, processor, conv, args))
+
+
+def test_lm_head_with_a_frozen_bf16_weight_under_autocast(tiny):
+    """--lora under bf16 holds the tied LM head in bf16 and the hidden states come fp32: the fused
+    head gives autograd's own values and hidden-state gradient, and no weight gradient."""
+    head = tiny[0].lm_head
+    w = head.weight.detach().to(torch.bfloat16)
+    torch.manual_seed(0)
+    hidden = torch.randn(6, head.in_features, requires_grad=True)
+    targets = torch.randint(0, head.out_features, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = visurf.LMHeadLogprobs.apply(hidden, w, targets)
+        want = torch.log_softmax((hidden @ w.T).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    g_got, = torch.autograd.grad(got.sum(), hidden)
+    g_want, = torch.autograd.grad(want.sum(), hidden)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert torch.allclose(g_got, g_want, rtol=0, atol=2e-2 * g_want.abs().max())
+
+
+def test_lora_run_saves_a_merged_model_and_resumes_exactly(tmp_path, capsys):
+    """`--lora` through main: 4 steps, or 2 and a resume to 4, give the same metrics, adapters
+    and merged weights; the merged checkpoint is the base (the tiny model rebuilt from the
+    seed) plus alpha/R * B A in every adapted layer, the base elsewhere, and loads and
+    evaluates with plain transformers in a process where peft cannot be imported."""
+    from safetensors.torch import load_file
+    pytest.importorskip("peft", reason="--lora needs peft: pip install peft")
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_main(capsys, *tiny_argv(full, "--steps", "4", "--save-every", "2", "--lora", "4", "--lora-alpha", "12",
+                                "--lr", "5e-3"))
+    run_main(capsys, *tiny_argv(part, "--steps", "2", "--save-every", "2", "--lora", "4", "--lora-alpha", "12",
+                                "--lr", "5e-3"))
+    run_main(capsys, *tiny_argv(part, "--steps", "4", "--save-every", "2", "--lora", "4", "--lora-alpha", "12",
+                                "--lr", "5e-3", "--resume", str(part / "checkpoint")))
+    a, b = step_metrics(full), step_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("reward", "gt_reward", "gt_advantage", "loss", "grad_norm", "lr"):
+            assert x[k] == y[k], (x["step"], k)
+    for f in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = (load_file(str(d / "checkpoint" / f)) for d in (full, part))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f
+    ck = full / "checkpoint"
+    from transformers import AutoModelForImageTextToText
+    merged = AutoModelForImageTextToText.from_pretrained(str(ck)).state_dict()  # plain transformers
+    adapter = load_file(str(ck / "adapter" / "adapter_model.safetensors"))      # peft's format
+    base = visurf.load_model("tiny", visurf.parse_args([]))[0].state_dict()
+    assert all(v.dtype == torch.float32 for v in merged.values())
+    adapted = 0
+    for k, v in merged.items():
+        key = "base_model.model." + k.removesuffix(".weight")
+        if key + ".lora_A.weight" in adapter:
+            A, B = adapter[key + ".lora_A.weight"], adapter[key + ".lora_B.weight"]
+            assert B.abs().max() > 0  # trained: B has left 0
+            assert torch.allclose(v, base[k] + 12 / 4 * B @ A, rtol=0, atol=1e-7), k
+            adapted += 1
+        else:
+            assert torch.equal(v, base[k]), k
+    assert adapted == 14
+    code = ("import sys; sys.modules['peft'] = None\n"  # peft cannot be imported here
+            "import torch, transformers; sys.path.insert(0, sys.argv[2]); import data, visurf\n"
+            "m = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1])\n"
+            "p = visurf.ImageOnlyProcessor.from_pretrained(sys.argv[1]); p.tokenizer.padding_side = 'left'\n"
+            "s = data.synthetic('classification', 2, 0, 'eval')\n"
+            "c = data.Convention('qwen2_vl', data.MIN_PIXELS, data.MAX_PIXELS)\n"
+            "t = [p.apply_chat_template(data.messages(x, c), add_generation_prompt=True, tokenize=False) for x in s]\n"
+            "i = p(text=t, images=[x['image'] for x in s], return_tensors='pt', padding=True)\n"
+            "print(type(m).__name__, m.dtype, m.generate(**i).shape[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(ck), HERE], capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0 and "Qwen2VLForConditionalGeneration torch.float32 2" in out.stdout, out.stderr
+    result, printed = run_main(capsys, "--eval", "--model", str(ck), "--eval-limit", "4", "--output-dir", str(tmp_path / "ev"))
+    assert result["n"] == 4 and "accuracy" in printed.out
+
+
+def test_lora_on_qwen2_5_vl_leaves_its_vision_mlp_alone(tiny):
+    """Qwen2.5-VL's vision blocks have gate/up/down projections too: the default --lora-modules
+    puts adapters on the language model's only, and the adapted model starts as the base."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    c = tiny[0].config
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=c.text_config.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2))
+    torch.manual_seed(0)
+    base = Qwen2_5_VLForConditionalGeneration(config)
+    assert any(n.endswith("visual.blocks.0.mlp.gate_proj") for n, _ in base.named_modules())
+    model, trained = with_adapters(base)
+    assert len({n.split(".lora_")[0] for n in trained}) == 14 and all(".language_model." in n for n in trained)
+
+
+def test_lora_without_peft_is_one_line(tmp_path):
+    """peft is optional: without it --lora says what to install, in one line, before loading."""
+    code = ("import sys, runpy; sys.modules['peft'] = None; sys.argv = ['visurf.py', '--lora', '8', '--output-dir', "
+            f"{str(tmp_path / 'out')!r}]; sys.path.insert(0, {HERE!r}); "
+            f"runpy.run_path({os.path.join(HERE, 'visurf.py')!r}, run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert_clean_error(p.returncode, p.stderr, "--lora needs peft: pip install peft")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lora", "0"], "--lora must be at least 1"), (["--lora", "-4"], "--lora must be at least 1"),
+    (["--lora-alpha", "8"], "go with --lora"), (["--lora", "8", "--lora-alpha", "0"], "--lora-alpha"),
+    (["--lora", "8", "--lora-modules", "(q"], "not a regular expression"), (["--lora", "8", "--eval"], "--eval"),
+])
+def test_bad_lora_flags_are_one_line(argv, needle, capsys):
+    test_bad_flags_are_refused_in_one_line(argv, needle, capsys)
+
+
+def test_lora_modules_that_match_nothing_or_the_lm_head_are_one_line(tiny, capsys):
+    for regex, needle in ((".*nothing.*", "not found"), ("lm_head", "not on the LM head")):
+        with pytest.raises(SystemExit) as e:
+            with_adapters(tiny[0], "--lora-modules", regex)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+
+
+# =============================================================================
 # Several processes: torchrun on PyTorch's own DDP (gloo on CPU)
 
 DDP_SCRIPT = r'''

@@ -47,6 +47,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 try:
     import fcntl
@@ -65,6 +66,8 @@ SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_
 TINY_DEFAULTS = dict(steps=300, batch_size=8, lr=5e-4)  # max_new_tokens: from the labels
 DIVERGED = 5  # this many non-finite steps in a row stop a run
 REAL_DEFAULTS = dict(steps=200, batch_size=2, lr=1e-6, max_new_tokens=256)  # Visual-RFT's scale
+# --lora's default modules: every linear layer of the language model; the vision tower has none
+LORA_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 
 
 def die(msg, code=2):
@@ -89,6 +92,12 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="per image (default: 512*28*28)")
     g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="per image (default: 56*56)")
+    g.add_argument("--lora", type=int, metavar="R", help="train rank-R LoRA adapters (needs peft) and freeze the "
+                   "weights, held in the compute dtype (bf16 under --precision bf16)")
+    g.add_argument("--lora-alpha", type=float, help="the adapters' update is scaled by alpha/R (default: 2R)")
+    g.add_argument("--lora-modules", default=LORA_MODULES, help="regex (peft's, matching a module's whole name) of "
+                   "the Linear layers that get adapters (default: the language model's q/k/v/o/gate/up/down "
+                   "projections; the vision tower stays frozen)")
     g = p.add_argument_group("data")
     g.add_argument("--data", help="records (.json/.jsonl), COCO/LVIS JSON, a class-folder tree, or Visual-RFT's "
                    "parquet / save_to_disk data (default: the built-in synthetic task)")
@@ -214,6 +223,24 @@ def parse_args(argv=None):
         args.clip_eps_high = args.clip_eps
     if not (0 < args.clip_eps_high < math.inf):
         die(f"--clip-eps-high must be a positive number (got {args.clip_eps_high})")
+    if args.lora is not None and args.lora < 1:
+        die(f"--lora must be at least 1 (got {args.lora})")
+    if args.lora is None and (args.lora_alpha is not None or args.lora_modules != LORA_MODULES):
+        die("--lora-alpha and --lora-modules go with --lora")
+    if args.lora and args.lora_alpha is None:  # alpha = 2R: the common choice; a resume takes the saved one
+        args.lora_alpha = 2.0 * args.lora
+    if args.lora_alpha is not None and not (0 < args.lora_alpha < math.inf):
+        die(f"--lora-alpha must be a positive number (got {args.lora_alpha})")
+    try:
+        re.compile(args.lora_modules)
+    except re.error as e:
+        die(f"--lora-modules {args.lora_modules!r}: not a regular expression ({e})")
+    if args.lora and args.eval:
+        die("--eval reads a checkpoint, whose adapters are merged in: --eval --model OUT/checkpoint, without --lora")
+    if args.lora and importlib.util.find_spec("peft") is None:  # found, not imported: before anything loads
+        die("--lora needs peft: pip install peft")
+    if args.lora and args.fsdp:  # an adapter's weights are small; what is large is frozen, and DDP replicates it
+        die("--lora with --fsdp is not supported: adapters are trained on DDP (drop --fsdp)")
     return args
 
 
@@ -695,6 +722,103 @@ def vision_template(templates, tok, name):
 
 
 # -----------------------------------------------------------------------------
+# Adapters (LoRA) and frozen weights: what trains, and the dtype the rest is held in
+
+def add_adapters(model, args):
+    """--lora R: peft's LoRA (scale alpha/R, no dropout) on the Linear layers --lora-modules
+    matches, every other weight frozen. B starts at 0, so the adapted model starts as the
+    base, exactly. The adapters are injected in place: `model` stays the Qwen2-VL model every
+    line of the step calls (model.model, model.lm_head, generate), its Linear layers now LoRA
+    layers; the PeftModel around it is kept beside it, for adapters_off and save_weights.
+    A resumed run puts the checkpoint's adapter (peft's format) on the same base. The adapters
+    are fp32 whatever the base's dtype. Without --lora: the model, untouched."""
+    if not args.lora:
+        return model
+    try:
+        import peft  # the optional dependency, imported here only
+    except ImportError:
+        die("--lora needs peft: pip install peft")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        if args.resume:
+            adapter = os.path.join(args.resume, "adapter")
+            if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+                die(f"--resume {args.resume}: no adapter/ in it (saved without --lora?)")
+            wrapped = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            config = peft.LoraConfig(r=args.lora, lora_alpha=args.lora_alpha, target_modules=args.lora_modules,
+                                     lora_dropout=0.0, bias="none")
+            try:
+                wrapped = peft.get_peft_model(model, config)
+            except ValueError as e:  # no module matched, or one peft cannot adapt
+                die(f"--lora-modules {args.lora_modules!r}: {one_line(e)}")
+    for name, module in model.named_modules():
+        if not isinstance(module, peft.tuners.lora.LoraLayer):
+            continue
+        # chunked_logprobs reads the LM head's weight directly: an adapter there would be skipped
+        if name == "lm_head" or not isinstance(module.get_base_layer(), torch.nn.Linear):
+            die(f"--lora-modules {args.lora_modules!r} matches {name}: adapters go on the Linear layers of the "
+                f"language model and the vision tower, not on the LM head")
+        # peft casts a bf16 input to the fp32 adapter's dtype, and autocast casts it back: the same
+        # numbers, but one more saved copy of the input per adapter (q, k, v: three). Autocast alone.
+        module.cast_input_dtype_enabled = False
+    model.__dict__["_visurf_peft"] = wrapped  # not an attribute nn.Module sees: no submodule, never saved
+    return model
+
+
+def freeze(model, args, dtype):
+    """--freeze-vision freezes the vision tower (--lora has frozen all but the adapters), and
+    every frozen weight is then held in the compute dtype: under bf16 autocast every product
+    casts it to bf16 anyway (the same numbers; norms and embeddings now read bf16-rounded
+    weights), at half the memory, and a frozen weight takes no update for bf16 to round away.
+    Trained weights stay fp32 masters; under fp32 nothing changes. The tied embedding and LM
+    head are one parameter, cast once."""
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def adapters_off(model):
+    """The reference policy's context for --beta > 0: with --lora the reference is the policy
+    itself with its adapters disabled (peft's disable_adapter), i.e. the base, and no second
+    copy; otherwise it is a frozen copy, and there is nothing to do."""
+    wrapped = model.__dict__.get("_visurf_peft")
+    return wrapped.disable_adapter() if wrapped is not None else contextlib.nullcontext()
+
+
+def save_weights(model, path):
+    """save_pretrained's layout, loadable by from_pretrained without peft or visurf: the adapters
+    merged (W + alpha/R * B A, each layer) into a plain fp32 copy, and bf16 frozen weights back
+    in fp32; the training model keeps its adapters and dtypes. With --lora, also the adapter in
+    peft's own format, in path/adapter (what --resume reads)."""
+    wrapped = model.__dict__.get("_visurf_peft")
+    if wrapped is None and all(p.dtype == torch.float32 for p in model.parameters()):
+        return model.save_pretrained(path)  # plain already
+    state, fp32 = {}, {}
+    as_fp32 = lambda t: fp32.setdefault(id(t), t.detach().float().cpu())  # tied tensors stay one tensor
+    for key, t in model.state_dict(keep_vars=True).items():  # the parameters themselves: ties share an id
+        if ".lora_" in key:  # lora_A, lora_B: merged below
+            continue
+        name, _, leaf = key.rpartition(".base_layer.")  # name "": not an adapted layer's tensor
+        if name and leaf == "weight":
+            layer = model.get_submodule(name)
+            state[f"{name}.weight"] = as_fp32(t) + sum(layer.get_delta_weight(a).float().cpu()
+                                                       for a in layer.active_adapters)
+        else:
+            state[f"{name}.{leaf}" if name else leaf] = as_fp32(t)
+    with torch.device("meta"):  # the plain architecture, no memory; the merged tensors go in
+        plain = type(model)(copy.deepcopy(model.config))
+    plain.load_state_dict(state, assign=True, strict=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(path)
+    if wrapped is not None:
+        wrapped.save_pretrained(os.path.join(path, "adapter"))
+
+
+# -----------------------------------------------------------------------------
 # Batches: prompts, rollouts, and the (prompt + completion) sequences trained on
 
 def encode_prompts(processor, samples, conv, device):
@@ -860,8 +984,8 @@ class LMHeadLogprobs(torch.autograd.Function):
         hidden, weight, targets, logits, lse = ctx.saved_tensors
         d = logits.sub_(lse[..., None]).exp_().mul_(-g[..., None])   # -g * softmax, in the logits' place
         d = d.scatter_add_(-1, targets[..., None], g[..., None]).to(hidden.dtype)  # + g at the target
-        with torch.autocast(**ctx.amp):
-            return d @ weight, d.T @ hidden, None                                    # [n, H], [V, H]
+        with torch.autocast(**ctx.amp):  # a frozen weight (--lora) gets no [V, H] gradient
+            return d @ weight, d.T @ hidden if ctx.needs_input_grad[1] else None, None  # [n, H], [V, H]
 
 
 def chunked_logprobs(lm_head, hidden, targets, mask, budget=2**30):
@@ -985,7 +1109,7 @@ def update(model, optimizer, prompts, completions, adv, per, args, ref_model=Non
                         # pi_old: the policy that sampled, i.e. this one before the first update
                         old.setdefault(b0, logp.detach())
                         if args.beta > 0 and b0 not in ref:  # the reference is frozen: once per batch
-                            with torch.no_grad():
+                            with torch.no_grad(), adapters_off(ref_model):
                                 ref[b0] = token_logprobs(ref_model, sub, completions[rows], per)[0]
                         per_token = policy_loss(logp, old[b0], adv[rows], args.clip_eps, args.clip_eps_high,
                                                 ref.get(b0), args.beta)
@@ -1170,7 +1294,10 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
     if not lead:  # under torchrun, one process writes the rest
         return path
     try:
-        model.save_pretrained(tmp, state_dict=whole)
+        if whole is not None:  # sharded: the whole model, gathered, in fp32 (a frozen tower may be bf16)
+            model.save_pretrained(tmp, state_dict={k: v.float() for k, v in whole.items()})
+        else:
+            save_weights(model, tmp)  # plain fp32, adapters merged; with --lora also tmp/adapter
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "chat_template.json"), "w") as f:  # what a processor reads
@@ -1624,13 +1751,17 @@ def run(argv=None):
         train, held, info = load_data(args)
     except data.DataError as e:
         die(str(e))
-    model, processor, conv = load_model(args.resume or args.model, args)
+    # a --lora run resumes on its base, the saved --model (add_adapters puts the saved adapter on it)
+    model, processor, conv = load_model(args.model if args.lora else args.resume or args.model, args)
     if args.max_new_tokens is None:  # tiny: room for the longest label; it has nothing to reason with
         args.max_new_tokens = 4 + max(len(processor.tokenizer(data.gt_completion(s, conv))["input_ids"])
                                       for s in train + held)
     if args.min_new_tokens > args.max_new_tokens:
         die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
     model.generation_config.max_new_tokens = args.max_new_tokens
+    if not args.eval:  # before the move: a frozen weight reaches the device in the compute dtype only
+        model = add_adapters(model, args)
+        freeze(model, args, compute_dtype(args, device))
     model.to(device)
 
     if args.eval:
@@ -1647,11 +1778,10 @@ def run(argv=None):
         print(f"wrote eval.json and predictions.jsonl to {args.output_dir}")
         return result
 
-    if args.freeze_vision:
-        model.model.visual.requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    # --beta > 0: with --lora the policy itself, its adapters off (adapters_off); otherwise a frozen copy
+    ref_model = (model if args.lora else copy.deepcopy(model).eval().requires_grad_(False)) if args.beta > 0 else None
     # under torchrun: gradients averaged over the processes (DDP), or everything sharded (FSDP),
     # before the optimizer is made: FSDP replaces the parameters by their shards
     ddp = shard(model, args) if args.fsdp else distributed_logprobs(model, device) if world > 1 else None
