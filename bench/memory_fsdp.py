@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory_2b import IMAGE, NEW, TEXT, layer_bytes  # noqa: E402  (the same setting and estimate)
+from memory_fit import build, vision_patch_bytes  # noqa: E402
 
 GiB = 2**30
 B, G = 2, 8                                   # per GPU
@@ -35,33 +36,17 @@ CARDS = (24, 40, 80)
 
 
 def architecture(name):
-    """-> (total, vision, root-owned parameters, one decoder layer's, text config, vision width, vision MLP width)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
-    if name == "Qwen2-VL-2B":
-        text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-        config = Qwen2VLConfig(text_config=text, tie_word_embeddings=True, vision_config=dict(
-            depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=1536))
-        cls, width, mlp = Qwen2VLForConditionalGeneration, 1280, 4 * 1280
-    else:
-        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                    num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-        config = Qwen2_5_VLConfig(text_config=text, tie_word_embeddings=False, vision_config=dict(
-            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584))
-        cls, width, mlp = Qwen2_5_VLForConditionalGeneration, 1280, 3420
-    with torch.device("meta"):
-        model = cls(config)
+    """-> (total, vision, root-owned parameters, one decoder layer's, text config, vision bytes per patch)."""
+    model, tc, width, mlp, swiglu, depth = build(name)  # memory_fit.py's: the real architecture, on meta
     count = lambda m: sum(p.numel() for p in m.parameters())
     layers, blocks = model.model.language_model.layers, model.model.visual.blocks
     root = count(model) - sum(map(count, layers)) - sum(map(count, blocks))
-    return count(model), count(model.model.visual), root, count(layers[0]), config.text_config, width, mlp
+    return (count(model), count(model.model.visual), root, count(layers[0]), tc, width * 4 * depth,
+            vision_patch_bytes(width, mlp, swiglu, depth))
 
 
 def per_gpu(arch, n, fsdp, frozen, ckpt):
-    total, vis, root, layer, tc, width, mlp = arch
+    total, vis, root, layer, tc, boundary_patch, vis_patch = arch
     trained = total - vis if frozen else total
     h, i, L, kv = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_key_value_heads * 128
     patches = (IMAGE // 14) ** 2
@@ -71,10 +56,10 @@ def per_gpu(arch, n, fsdp, frozen, ckpt):
     tokens_once, tokens_whole = B * P + N * NEW, N * (P + NEW)
     if ckpt:   # layer boundaries in fp32, and one layer's inside recomputed at a time
         act = tokens_whole * L * h * 4 + tokens_whole * layer_bytes(h, i, kv)
-        act += 0 if frozen else B * patches * width * 4 * 32
+        act += 0 if frozen else B * patches * boundary_patch
     else:
         act = tokens_once * L * layer_bytes(h, i, kv)
-        act += 0 if frozen else B * patches * 32 * (2 * width * 4 + 6 * width * 2 + 3 * mlp * 2)
+        act += 0 if frozen else B * patches * vis_patch
     logits = min(N * NEW * tc.vocab_size * 4, GiB)
     if fsdp:
         generation = resident + 2 * total + kv_cache
