@@ -2431,6 +2431,28 @@ def test_a_sharded_run_trains_saves_resumes_and_loads_like_one(tmp_path):
     assert "Traceback" not in "".join(l for l in p.stderr.splitlines(True) if "error:" in l)
 
 
+def test_a_sharded_sft_run_evaluating_every_step_is_one_process_run(tmp_path):
+    """torchrun --fsdp --mode sft with a held-out set evaluated at every step (the lead decodes
+    alone while the other process waits) against one plain process: the same losses and the
+    same evaluations, and no hang at the next backward (FSDP2's recorded forward order is
+    forgotten after every gathered decode)."""
+    base = ["--mode", "sft", "--steps", "3", "--batch-size", "2", "--micro-batch", "1", "--eval-every", "1",
+            "--eval-limit", "2"]
+    p = torchrun(os.path.join(HERE, "visurf.py"), "--fsdp", *base, "--output-dir", str(tmp_path / "two"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, _, err = cli(*base, "--output-dir", str(tmp_path / "one"))
+    assert rc == 0, err[-3000:]
+    read = lambda out: [json.loads(l) for l in open(tmp_path / out / "metrics.jsonl")]
+    two, one = read("two"), read("one")
+    assert [sorted(r) for r in two] == [sorted(r) for r in one]
+    assert [r["step"] for r in two if "eval" in r] == [0, 1, 2, 3]
+    for a, b in zip(two, one):
+        if "eval" in a:
+            assert a["eval"] == b["eval"], a["step"]
+        else:  # fp32, summed in another order over 2 processes: equal to rounding
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
 def test_fsdp_without_torchrun_is_one_line():
     rc, _, err = cli("--fsdp", "--steps", "1")
     assert_clean_error(rc, err, "torchrun --nproc_per_node 2 visurf.py --fsdp")

@@ -1425,7 +1425,9 @@ def shard(model, args):
     tower's patch embedding and merger), so the LM head's own autograd function reads its
     weight whole. bf16: FSDP's own policy (bf16 compute, fp32 master shards, fp32 gradient
     reduction). -> the root, which update() calls as it calls DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if not hasattr(FSDPModule, "reset_iter_state"):  # what whole_weights needs
+        die(f"--fsdp needs torch 2.13 or later (the version tested); this is torch {torch.__version__}")
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if args.precision == "bf16" else MixedPrecisionPolicy())
     root = PolicyLogProbs(model)
@@ -1460,6 +1462,10 @@ def whole_weights(model):
         root.set_reshard_after_forward(False, recurse=False)  # FSDP's default for a root
         for m in groups:
             m.reshard()
+        # FSDP2 records the order its modules ran forward, even under no_grad, and the next
+        # backward prefetches by it; only the lead decodes an evaluation, so forget this call's
+        # order on every process, or their all-gathers no longer pair (a hang at the backward)
+        root.reset_iter_state()
 
 
 def save_shards(path, model, optimizer):
