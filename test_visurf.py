@@ -2205,6 +2205,22 @@ def test_lm_head_with_a_frozen_bf16_weight_under_autocast(tiny):
     assert torch.allclose(g_got, g_want, rtol=0, atol=2e-2 * g_want.abs().max())
 
 
+def test_a_resumed_kl_run_keeps_the_initial_model_as_its_reference(tmp_path, capsys):
+    """--beta > 0: the KL term's reference is the model the run started from, also after a
+    resume (the resumed policy is the checkpoint; the reference is --model, loaded again), so 4
+    steps, or 2 and a resume to 4, give the same losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ["--save-every", "2", "--beta", "0.5", "--lr", "5e-3"]
+    run_main(capsys, *tiny_argv(full, *flags, "--steps", "4"))
+    run_main(capsys, *tiny_argv(part, *flags, "--steps", "2"))
+    run_main(capsys, *tiny_argv(part, *flags, "--steps", "4", "--resume", str(part / "checkpoint")))
+    a, b = step_metrics(full), step_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for k in ("reward", "gt_advantage", "loss", "grad_norm"):
+            assert x[k] == y[k], (x["step"], k)
+
+
 def test_lora_run_saves_a_merged_model_and_resumes_exactly(tmp_path, capsys):
     """`--lora` through main: 4 steps, or 2 and a resume to 4, give the same metrics, adapters
     and merged weights; the merged checkpoint is the base (the tiny model rebuilt from the
@@ -2217,7 +2233,7 @@ def test_lora_run_saves_a_merged_model_and_resumes_exactly(tmp_path, capsys):
                                 "--lr", "5e-3"))
     run_main(capsys, *tiny_argv(part, "--steps", "2", "--save-every", "2", "--lora", "4", "--lora-alpha", "12",
                                 "--lr", "5e-3"))
-    run_main(capsys, *tiny_argv(part, "--steps", "4", "--save-every", "2", "--lora", "4", "--lora-alpha", "12",
+    run_main(capsys, *tiny_argv(part, "--steps", "4", "--save-every", "2", "--lora", "4",  # alpha: the saved 12
                                 "--lr", "5e-3", "--resume", str(part / "checkpoint")))
     a, b = step_metrics(full), step_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

@@ -227,7 +227,7 @@ def parse_args(argv=None):
         die(f"--lora must be at least 1 (got {args.lora})")
     if args.lora is None and (args.lora_alpha is not None or args.lora_modules != LORA_MODULES):
         die("--lora-alpha and --lora-modules go with --lora")
-    if args.lora and args.lora_alpha is None:  # alpha = 2R: the common choice; a resume takes the saved one
+    if args.lora and args.lora_alpha is None and not args.resume:  # 2R: the common choice; a resume: the saved one
         args.lora_alpha = 2.0 * args.lora
     if args.lora_alpha is not None and not (0 < args.lora_alpha < math.inf):
         die(f"--lora-alpha must be a positive number (got {args.lora_alpha})")
@@ -778,6 +778,20 @@ def freeze(model, args, dtype):
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
+
+
+def reference_policy(model, args, device):
+    """--beta > 0: the KL term's reference, the policy the run started from. With --lora, the
+    policy itself with its adapters off (adapters_off), no second copy. Otherwise a frozen copy,
+    held in the compute dtype as freeze holds every frozen weight; a resumed policy is the
+    checkpoint, so the copy is then --model, loaded again."""
+    if args.beta <= 0:
+        return None
+    if args.lora:
+        return model
+    ref = load_model(args.model, args)[0] if args.resume else copy.deepcopy(model)
+    freeze(ref.eval().requires_grad_(False), args, compute_dtype(args, device))
+    return ref.to(device)
 
 
 def adapters_off(model):
@@ -1786,8 +1800,7 @@ def run(argv=None):
 
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # --beta > 0: with --lora the policy itself, its adapters off (adapters_off); otherwise a frozen copy
-    ref_model = (model if args.lora else copy.deepcopy(model).eval().requires_grad_(False)) if args.beta > 0 else None
+    ref_model = reference_policy(model, args, device)
     # under torchrun: gradients averaged over the processes (DDP), or everything sharded (FSDP),
     # before the optimizer is made: FSDP replaces the parameters by their shards
     ddp = shard(model, args) if args.fsdp else distributed_logprobs(model, device) if world > 1 else None

@@ -16,8 +16,9 @@ stays fp32 and what is bf16 since frozen weights are held in the compute dtype:
 - the KV cache of generation and the LM head's fp32 logits (at most its 1 GiB chunk budget),
   counted as if all of it were alive at once, as memory_2b.py does.
 Parameter counts come from the real architectures built on the meta device (no download).
-A reference model (--beta > 0, not ViSurf's setting) would add a full copy of the weights
-without --lora and nothing with it (the base, adapters off); it is listed, not summed.
+A reference model (--beta > 0, not ViSurf's setting) would add a full copy of the weights,
+frozen and so bf16, without --lora and nothing with it (the base, adapters off); it is listed,
+not summed.
 
     python bench/memory_fit.py
 """
@@ -97,7 +98,7 @@ def rows(name):
                                                    else B * patches * vision_patch_bytes(vd, vi, swiglu, depth))
             out[setting + (" --gradient-checkpointing" if ckpt else "")] = dict(
                 fixed, **{"activations, language model": lang, "activations, vision tower": visual},
-                reference=0 if lora else 4 * (total - frozen) + 2 * frozen)
+                reference=0 if lora else 2 * total)  # frozen whole: bf16
     return out, total, vis, adapters
 
 
