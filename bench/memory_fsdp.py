@@ -6,15 +6,16 @@ compute over fp32 master weights, AdamW. Parameter counts come from the real arc
 built on the meta device (nothing downloaded). A step's peak is the larger of its two phases:
 
 - generation: the resident state (below) + the weights the decode reads in bf16 (DDP:
-  autocast's bf16 copies; FSDP: every weight gathered whole in bf16, once per generate) + the
-  KV cache;
-- training: the resident state + the bf16 weights in use (DDP: all of autocast's copies; FSDP:
+  autocast's bf16 copies of the fp32 trained weights; FSDP: every weight gathered whole in bf16,
+  once per generate) + the KV cache;
+- training: the resident state + the bf16 weights in use (DDP: autocast's copies; FSDP:
   the root's own weights, embeddings and LM head, whole, and two decoder layers at a time, one
   being used, one prefetched, and one layer's fp32 gradients before their reduce-scatter) +
   activations (bench/memory_2b.py's per-token estimate) + the LM head's logits chunk (1 GiB).
 
 Resident: fp32 master weights, fp32 gradients and AdamW's two fp32 moments, 16 bytes per trained
-parameter and 4 per frozen one, all of it divided by the number of GPUs under FSDP. DDP keeps its
+parameter, and 2 per frozen one (visurf holds frozen weights in the compute dtype, bf16 here, and
+autocast makes no copy of them), all of it divided by the number of GPUs under FSDP. DDP keeps its
 gradient buckets through generation (docs/gpu.md); FSDP keeps sharded gradients. Activations are
 the least certain figures.
 
@@ -51,7 +52,7 @@ def per_gpu(arch, n, fsdp, frozen, ckpt):
     h, i, L, kv = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_key_value_heads * 128
     patches = (IMAGE // 14) ** 2
     P, N = patches // 4 + TEXT, B * (G + 1)
-    resident = (16 * trained + 4 * (total - trained)) / (n if fsdp else 1)
+    resident = (16 * trained + 2 * (total - trained)) / (n if fsdp else 1)
     kv_cache = B * G * (P + NEW) * L * 2 * kv * 2
     tokens_once, tokens_whole = B * P + N * NEW, N * (P + NEW)
     if ckpt:   # layer boundaries in fp32, and one layer's inside recomputed at a time
@@ -64,9 +65,9 @@ def per_gpu(arch, n, fsdp, frozen, ckpt):
     if fsdp:
         generation = resident + 2 * total + kv_cache
         training = resident + 2 * root + 2 * 2 * layer + 4 * layer + act + logits
-    else:
-        generation = resident + 2 * total + kv_cache
-        training = resident + 2 * total + act + logits
+    else:  # autocast's copies: of the fp32 (trained) weights only
+        generation = resident + 2 * trained + kv_cache
+        training = resident + 2 * trained + act + logits
     return max(generation, training)
 
 
