@@ -2469,6 +2469,50 @@ def test_a_sharded_sft_run_evaluating_every_step_is_one_process_run(tmp_path):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
 
 
+SHARDS_SCRIPT = r'''
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import visurf
+out = sys.argv[2]
+args = visurf.parse_args(["--fsdp", "--precision", "fp32"])
+visurf.init_distributed(args)
+def sharded():
+    model = visurf.build_tiny(0)[0]
+    visurf.shard(model, args)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+model, opt = sharded()
+visurf.save_shards(os.path.join(out, "before"), model, opt)  # every step so far skipped: AdamW has no state
+assert not opt.state, "saving gave AdamW a state"
+again, opt2 = sharded()
+visurf.load_shards(os.path.join(out, "before"), again, opt2)
+assert not opt2.state, "loading gave AdamW a state"
+for p in model.parameters():
+    p.grad = torch.full_like(p, 0.5)
+opt.step()
+visurf.save_shards(os.path.join(out, "after"), model, opt)
+again, opt3 = sharded()
+visurf.load_shards(os.path.join(out, "after"), again, opt3)
+steps = {float(s["step"]) for s in opt3.state.values()}
+assert steps == {1.0}, steps
+for (a, sa), (b, sb) in zip(opt.state.items(), opt3.state.items()):
+    assert torch.equal(sa["exp_avg"].full_tensor(), sb["exp_avg"].full_tensor())
+for a, b in zip(model.parameters(), again.parameters()):
+    assert torch.equal(a.full_tensor(), b.full_tensor())
+print("ok")
+'''
+
+
+def test_sharded_checkpoints_keep_an_empty_adamw_empty(tmp_path):
+    """A sharded save before AdamW's first step (every step so far skipped as non-finite) leaves
+    the optimizer without state, and so does resuming from it: torch's state-dict helpers would
+    otherwise give it one by a step at lr 0, one step too many for AdamW's bias correction. After
+    a real step, the shards bring back that one step's state and the weights exactly."""
+    script = tmp_path / "shards.py"
+    script.write_text(SHARDS_SCRIPT)
+    p = torchrun(str(script), HERE, str(tmp_path), nproc=1)
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
 def test_fsdp_without_torchrun_is_one_line():
     rc, _, err = cli("--fsdp", "--steps", "1")
     assert_clean_error(rc, err, "torchrun --nproc_per_node 2 visurf.py --fsdp")

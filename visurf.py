@@ -1489,10 +1489,14 @@ def save_shards(path, model, optimizer):
     if "_visurf_fsdp_root" not in model.__dict__:
         return None
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     barrier()  # the lead process has cleared PATH
-    shards, optim = get_state_dict(model, optimizer)
-    dcp.save({"model": shards, "optimizer": optim}, checkpoint_id=os.path.join(path, "sharded"))
+    state = {"model": get_model_state_dict(model)}
+    # AdamW has no state while every step so far was skipped (non-finite); asked for it, torch
+    # would make one by a step at lr 0, and AdamW's bias correction would then count one step too many
+    if optimizer.state:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=os.path.join(path, "sharded"))
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return whole if dist.get_rank() == 0 else None
 
@@ -1500,12 +1504,19 @@ def save_shards(path, model, optimizer):
 def load_shards(path, model, optimizer):
     """The model's and AdamW's shards back from PATH/sharded, as save_shards wrote them."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    if not os.path.isdir(os.path.join(path, "sharded")):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    folder = os.path.join(path, "sharded")
+    if not os.path.isdir(folder):
         die(f"--resume {path}: not a sharded checkpoint (no sharded/); resume it without --fsdp")
-    shards, optim = get_state_dict(model, optimizer)
-    dcp.load({"model": shards, "optimizer": optim}, checkpoint_id=os.path.join(path, "sharded"))
-    set_state_dict(model, optimizer, model_state_dict=shards, optim_state_dict=optim)
+    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    state = {"model": get_model_state_dict(model)}
+    if any(k.startswith("optimizer.") for k in saved):  # none: saved before AdamW's first step
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    if "optimizer" in state:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def init_distributed(args):
