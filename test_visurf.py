@@ -2427,6 +2427,8 @@ def test_a_sharded_run_trains_saves_resumes_and_loads_like_one(tmp_path):
     assert p.stdout.count("step 4/4") == 1 and "after training:" in p.stdout
     ck = full / "checkpoint"
     assert sorted(os.listdir(ck / "sharded")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from safetensors.torch import load_file
+    assert "lm_head.weight" not in load_file(str(ck / "model.safetensors"))  # tied: saved once, as by one process
     from transformers import AutoModelForImageTextToText
     trained = AutoModelForImageTextToText.from_pretrained(str(ck)).state_dict()
     init = visurf.build_tiny(0)[0].state_dict()
@@ -2498,19 +2500,65 @@ for (a, sa), (b, sb) in zip(opt.state.items(), opt3.state.items()):
     assert torch.equal(sa["exp_avg"].full_tensor(), sb["exp_avg"].full_tensor())
 for a, b in zip(model.parameters(), again.parameters()):
     assert torch.equal(a.full_tensor(), b.full_tensor())
+os.makedirs(os.path.join(out, "full", "sharded", "__0_0.distcp"))  # a folder in the way: no shard can be written
+try:
+    visurf.save_shards(os.path.join(out, "full"), model, opt)
+except OSError as e:  # not DCP's CheckpointException, which no `except Exception` catches
+    print("save:", type(e).__name__)
+os.remove(os.path.join(out, "after", "sharded", "__0_0.distcp"))
+try:
+    visurf.load_shards(os.path.join(out, "after"), *sharded())
+except SystemExit as e:
+    print("load: exit", e.code)
 print("ok")
 '''
 
 
-def test_sharded_checkpoints_keep_an_empty_adamw_empty(tmp_path):
+def test_sharded_checkpoints_keep_an_empty_adamw_empty_and_fail_plainly(tmp_path):
     """A sharded save before AdamW's first step (every step so far skipped as non-finite) leaves
     the optimizer without state, and so does resuming from it: torch's state-dict helpers would
     otherwise give it one by a step at lr 0, one step too many for AdamW's bias correction. After
-    a real step, the shards bring back that one step's state and the weights exactly."""
+    a real step, the shards bring back that one step's state and the weights exactly. A save
+    that cannot write fails with the OSError itself; a resume with a shard gone, in one line."""
     script = tmp_path / "shards.py"
     script.write_text(SHARDS_SCRIPT)
     p = torchrun(str(script), HERE, str(tmp_path), nproc=1)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+    # a shard that cannot be written is an OSError, as in any save; one that is gone is one line
+    assert "save: IsADirectoryError" in p.stdout and "load: exit 2" in p.stdout, p.stdout
+    assert f"error: --resume {tmp_path / 'after'}: the shards in sharded/ are missing or unreadable" in p.stderr
+
+
+def test_processes_die_with_a_killed_launcher(tmp_path):
+    """kill -9 of torchrun reaches torchrun alone: its processes then die too (the parent-death
+    signal), rather than train on, holding the output folder, whose lock is free again at once."""
+    import fcntl
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(HERE, "visurf.py"), "--steps", "100000", "--batch-size", "2", "--group-size",
+                          "2", "--eval-limit", "2", "--output-dir", str(out)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, cwd=str(tmp_path))
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or '"loss"' not in (out / "metrics.jsonl").read_text():
+            assert time.time() < deadline and p.poll() is None, "the run never started training"
+            time.sleep(0.5)
+    finally:
+        p.kill()
+    p.wait()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        for _ in range(100):  # the kernel signals the orphans at once; allow them a moment to go
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.1)
+        else:
+            subprocess.run(["pkill", "-9", "-f", str(out)])  # no orphans left to run on
+            raise AssertionError("the processes outlived their launcher and still hold the folder")
+    finally:
+        os.close(fd)
 
 
 def test_fsdp_without_torchrun_is_one_line():

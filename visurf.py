@@ -32,6 +32,7 @@ The flags come first in this file, so that --help and a bad flag answer before t
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import errno
 import importlib.util
@@ -71,7 +72,10 @@ LORA_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 
 def die(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr)
+    # under torchrun every process checks the same flags, files and checkpoint: only an error
+    # while training (status 1) may be one process's own, so only then do the others say theirs
+    if code == 1 or os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -1304,11 +1308,13 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
     tmp, old = path + ".tmp", path + ".old"
     if lead:
         shutil.rmtree(tmp, ignore_errors=True)
-    whole = save_shards(tmp, model, optimizer)  # sharded (FSDP): every process writes its part first
-    if not lead:  # under torchrun, one process writes the rest
-        return path
     try:
+        whole = save_shards(tmp, model, optimizer)  # sharded (FSDP): every process writes its part first
+        if not lead:  # under torchrun, one process writes the rest
+            return path
         if whole is not None:  # sharded: the whole model, gathered, in fp32 (a frozen tower may be bf16)
+            if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+                whole.pop("lm_head.weight")  # tied (2B): gathered as two tensors, saved once, as from_pretrained ties
             model.save_pretrained(tmp, state_dict={k: v.float() for k, v in whole.items()})
         else:
             save_weights(model, tmp)  # plain fp32, adapters merged; with --lora also tmp/adapter
@@ -1334,7 +1340,8 @@ def save_checkpoint(out_dir, model, processor, optimizer, step, rngs, args, lead
         shutil.rmtree(old, ignore_errors=True)
     except Exception:  # a full disk, a quota: no half-written checkpoint.tmp is left to fill it
         with contextlib.suppress(OSError):
-            heal_checkpoint(path)  # (and a failure inside the swap still leaves one complete checkpoint)
+            if lead:
+                heal_checkpoint(path)  # (and a failure inside the swap still leaves one complete checkpoint)
         raise
     return path
 
@@ -1496,9 +1503,22 @@ def save_shards(path, model, optimizer):
     # would make one by a step at lr 0, and AdamW's bias correction would then count one step too many
     if optimizer.state:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=os.path.join(path, "sharded"))
+    with plain_errors():
+        dcp.save(state, checkpoint_id=os.path.join(path, "sharded"))
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return whole if dist.get_rank() == 0 else None
+
+
+@contextlib.contextmanager
+def plain_errors():
+    """torch.distributed.checkpoint fails with one CheckpointException, a BaseException that no
+    `except Exception` catches, holding each failed process's own error: raise the first of
+    those instead (a full disk is then an OSError, as in any other save)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        raise next(iter(e.failures.values()))[0] from None
 
 
 def load_shards(path, model, optimizer):
@@ -1507,22 +1527,53 @@ def load_shards(path, model, optimizer):
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     folder = os.path.join(path, "sharded")
-    if not os.path.isdir(folder):
-        die(f"--resume {path}: not a sharded checkpoint (no sharded/); resume it without --fsdp")
-    saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    state = {"model": get_model_state_dict(model)}
-    if any(k.startswith("optimizer.") for k in saved):  # none: saved before AdamW's first step
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=folder)
+    try:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        state = {"model": get_model_state_dict(model)}
+        if any(k.startswith("optimizer.") for k in saved):  # none: saved before AdamW's first step
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        with plain_errors():
+            dcp.load(state, checkpoint_id=folder)
+    except Exception as e:  # a shard deleted, truncated or never copied: its whole model is still there
+        die(f"--resume {path}: the shards in sharded/ are missing or unreadable ({one_line(e)}); the trained "
+            f"weights without AdamW's state start a new run with --model {path}")
     set_model_state_dict(model, state["model"])
     if "optimizer" in state:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def lead_first(fn, *a, lead):
+    """fn(*a) on the lead process alone (the output folder's checks and lock) while the others
+    wait; if it refuses, they exit with its status, quietly, rather than fail in a collective
+    it has left."""
+    status = 0
+    if lead:
+        try:
+            fn(*a)
+        except SystemExit as e:  # die(): its line is printed
+            status = e.code if isinstance(e.code, int) else 1
+    status = int(all_sum([status])[0]) if dist.is_initialized() else status
+    if status:
+        sys.exit(status)
+
+
+def die_with_launcher():
+    """Under torchrun: a process whose launcher is killed (kill -9 reaches it alone) is killed
+    too, as the kernel's parent-death signal (Linux), rather than train on without it, holding
+    the output folder. A kill is what every save is safe against."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: no such call
+        return
+    if os.getppid() == 1:  # the launcher went before the call: no parent left to wait for
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init_distributed(args):
     """-> (rank, world size). Only torchrun's environment starts a process group."""
     if "RANK" not in os.environ:
         return 0, 1
+    die_with_launcher()
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if cuda:  # one GPU per process
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -1762,12 +1813,11 @@ def run(argv=None):
     check_processes(args)  # before any process group: one line from the lead, the others quiet
     rank, world = init_distributed(args)  # (0, 1) unless started by torchrun
     lead = rank == 0  # the one process that prints, writes metrics and saves
-    if lead:
-        prepare_output_dir(args)
-    barrier()
+    lead_first(prepare_output_dir, args, lead=lead)
     if args.resume:
         resume_healed(args)  # the other processes follow the lead's healing
     state = load_trainer_state(args.resume, args) if args.resume else None
+    saved_rng = own_rng(state["rng"], rank, world, args.resume) if state else None  # before a model is loaded
     report = open_report(args.report_to, args.output_dir, args, state["step"] if state else 0) if lead else None
     plotting = lead and importlib.util.find_spec("matplotlib") is not None
     if lead and not plotting:
@@ -1790,9 +1840,11 @@ def run(argv=None):
     if args.min_new_tokens > args.max_new_tokens:
         die(f"--min-new-tokens ({args.min_new_tokens}) is above --max-new-tokens ({args.max_new_tokens})")
     model.generation_config.max_new_tokens = args.max_new_tokens
+    ref_model = None
     if not args.eval:  # before the move: a frozen weight reaches the device in the compute dtype only
         model = add_adapters(model, args)
         freeze(model, args, compute_dtype(args, device))
+        ref_model = reference_policy(model, args, device)  # (so the reference, copied here, is never fp32 there)
     model.to(device)
 
     if args.eval:
@@ -1811,7 +1863,6 @@ def run(argv=None):
 
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = reference_policy(model, args, device)
     # under torchrun: gradients averaged over the processes (DDP), or everything sharded (FSDP),
     # before the optimizer is made: FSDP replaces the parameters by their shards
     ddp = shard(model, args) if args.fsdp else distributed_logprobs(model, device) if world > 1 else None
@@ -1821,7 +1872,7 @@ def run(argv=None):
         torch.manual_seed(args.seed + rank)
     metrics_path, start, kept = os.path.join(args.output_dir, "metrics.jsonl"), 0, []
     if state:
-        set_rng_state(own_rng(state["rng"], rank, world, args.resume))  # (refuses another number of processes)
+        set_rng_state(saved_rng)
         if args.fsdp:
             load_shards(args.resume, model, optimizer)
         else:
