@@ -2941,10 +2941,18 @@ def test_i24_10_resume_continues_in_the_checkpoints_own_folder(tmp_path, capsys,
 
 
 def test_i24_12_torchrun_refusals_are_one_line_each_from_the_lead(tmp_path):
+    """Refusals before training, under torchrun: one line from the lead, whether every process
+    checks (the flags) or the lead alone does (the output folder, while the others wait), and no
+    traceback from any process."""
     base = ["--steps", "1", "--group-size", "2", "--shots", "1", "--eval-limit", "2"]
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     for extra, needle in [(["--batch-size", "3"], "--batch-size (3) must be a multiple of the 2 processes"),
-                          (["--batch-size", "2", "--eval"], "--eval runs in one process")]:
-        p = torchrun(os.path.join(HERE, "visurf.py"), *base, *extra, "--output-dir", str(tmp_path / "o"))
+                          (["--batch-size", "2", "--eval"], "--eval runs in one process"),
+                          (["--batch-size", "2", "--lora", "4", "--fsdp"], "--lora with --fsdp is not supported"),
+                          (["--batch-size", "2", "--output-dir", str(held)], "already holds a run")]:
+        p = torchrun(os.path.join(HERE, "visurf.py"), *base, "--output-dir", str(tmp_path / "o"), *extra)
         errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
         assert p.returncode != 0 and len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
         assert "visurf.py\", line" not in p.stderr and not (tmp_path / "o").exists(), p.stderr[-3000:]

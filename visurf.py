@@ -60,6 +60,7 @@ import data
 import rewards
 
 RULES = ("align", "think", "smooth")
+LAUNCHER = os.getppid()  # read first thing: under torchrun, the launcher (die_with_launcher)
 # flags a resumed run may change; any other change makes the continuation a different run
 SAFE_TO_CHANGE = {"steps", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_data", "eval_images",
                   "output_dir", "resume", "overwrite", "device", "micro_batch", "gradient_checkpointing", "skip_bad",
@@ -72,9 +73,10 @@ LORA_MODULES = r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(ga
 
 
 def die(msg, code=2):
-    # under torchrun every process checks the same flags, files and checkpoint: only an error
-    # while training (status 1) may be one process's own, so only then do the others say theirs
-    if code == 1 or os.environ.get("RANK", "0") == "0":
+    # under torchrun every process checks the same flags, files and checkpoint: the first
+    # process of each machine says so (a machine's own copy of a file may differ); an error
+    # while training (status 1) may be one process's own, so then every process says its own
+    if code == 1 or os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -1426,17 +1428,20 @@ class PolicyLogProbs(torch.nn.Module):
 
 
 def check_processes(args):
-    """Under torchrun, what one process cannot share, refused before any process group
-    forms: one line, each condition its own, from the lead; the others exit as quietly,
-    with the same status (torchrun then adds its own summary of the failed processes)."""
+    """Under torchrun, what one process cannot share, and what --fsdp needs of torch, refused
+    before any process group forms: one line, each condition its own, from the lead; the others
+    exit as quietly, with the same status (torchrun then adds its own summary of the failed
+    processes)."""
+    import torch.distributed.fsdp as fsdp
     world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    old_torch = args.fsdp and not hasattr(getattr(fsdp, "FSDPModule", None), "reset_iter_state")  # whole_weights'
     problem = ("--eval runs in one process: start it with python, not torchrun" if world > 1 and args.eval else
                f"--batch-size ({args.batch_size}) must be a multiple of the {world} processes under torchrun"
-               if world > 1 and args.batch_size % world else None)
+               if world > 1 and args.batch_size % world else
+               f"--fsdp needs torch 2.13 or later (the version tested); this is torch {torch.__version__}"
+               if old_torch else None)
     if problem:
-        if os.environ.get("RANK") == "0":
-            die(problem)
-        sys.exit(2)
+        die(problem)
 
 
 def shard(model, args):
@@ -1446,9 +1451,7 @@ def shard(model, args):
     tower's patch embedding and merger), so the LM head's own autograd function reads its
     weight whole. bf16: FSDP's own policy (bf16 compute, fp32 master shards, fp32 gradient
     reduction). -> the root, which update() calls as it calls DDP."""
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    if not hasattr(FSDPModule, "reset_iter_state"):  # what whole_weights needs
-        die(f"--fsdp needs torch 2.13 or later (the version tested); this is torch {torch.__version__}")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if args.precision == "bf16" else MixedPrecisionPolicy())
     root = PolicyLogProbs(model)
@@ -1489,6 +1492,18 @@ def whole_weights(model):
         root.reset_iter_state()
 
 
+@contextlib.contextmanager
+def plain_errors():
+    """torch.distributed.checkpoint fails with one CheckpointException, a BaseException that no
+    `except Exception` catches, holding each failed process's own error: raise the first of
+    those instead (a full disk is then an OSError, as in any other save)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        raise next(iter(e.failures.values()))[0] from None
+
+
 def save_shards(path, model, optimizer):
     """FSDP: every process's shard of the model and of AdamW's state into PATH/sharded
     (torch.distributed.checkpoint), and the whole model gathered for the lead process's
@@ -1509,34 +1524,28 @@ def save_shards(path, model, optimizer):
     return whole if dist.get_rank() == 0 else None
 
 
-@contextlib.contextmanager
-def plain_errors():
-    """torch.distributed.checkpoint fails with one CheckpointException, a BaseException that no
-    `except Exception` catches, holding each failed process's own error: raise the first of
-    those instead (a full disk is then an OSError, as in any other save)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-    try:
-        yield
-    except CheckpointException as e:
-        raise next(iter(e.failures.values()))[0] from None
-
-
 def load_shards(path, model, optimizer):
     """The model's and AdamW's shards back from PATH/sharded, as save_shards wrote them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     folder = os.path.join(path, "sharded")
+    damaged = lambda e: die(f"--resume {path}: the shards in sharded/ are missing or unreadable ({one_line(e)}); "
+                            f"the trained weights without AdamW's state start a new run with --model {path}")
     try:
         saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-        state = {"model": get_model_state_dict(model)}
-        if any(k.startswith("optimizer.") for k in saved):  # none: saved before AdamW's first step
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    except Exception as e:  # no sharded/, or its .metadata gone
+        damaged(e)
+    state = {"model": get_model_state_dict(model)}
+    if any(k.startswith("optimizer.") for k in saved):  # none: saved before AdamW's first step
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    try:
         with plain_errors():
             dcp.load(state, checkpoint_id=folder)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # a shard deleted, truncated or never copied: its whole model is still there
-        die(f"--resume {path}: the shards in sharded/ are missing or unreadable ({one_line(e)}); the trained "
-            f"weights without AdamW's state start a new run with --model {path}")
+        damaged(e)
     set_model_state_dict(model, state["model"])
     if "optimizer" in state:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -1559,13 +1568,12 @@ def lead_first(fn, *a, lead):
 
 def die_with_launcher():
     """Under torchrun: a process whose launcher is killed (kill -9 reaches it alone) is killed
-    too, as the kernel's parent-death signal (Linux), rather than train on without it, holding
+    too, by the kernel's parent-death signal (Linux), rather than train on without it, holding
     the output folder. A kill is what every save is safe against."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: no such call
-        return
-    if os.getppid() == 1:  # the launcher went before the call: no parent left to wait for
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return  # not torchrun's (a launcher of one's own may leave its processes on purpose), or not Linux
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != LAUNCHER:  # the launcher went before the call, and its signal with it
         os.kill(os.getpid(), signal.SIGKILL)
 
 
