@@ -2,7 +2,7 @@
 Datasets, prompts and answers for visurf.
 
 A sample is a plain dict:
-    task      "detection" | "classification" | "grounding"
+    task      a name in TASKS: "classification", "detection", "grounding" (one entry each)
     id        where it came from, for error messages ("file.jsonl: record 3")
     image     a path (opened lazily) or a PIL image (synthetic data)
     size      (width, height) of the image after EXIF orientation
@@ -11,6 +11,7 @@ A sample is a plain dict:
     query     the category (detection), the referring expression (grounding), the
               question (classification)
     plus      classes (classification), image_id / category_id (COCO, for COCOeval),
+              colour (synthetic: the colour the prompt is about),
               problem / solution (Visual-RFT records: their own question and answer text)
 
 Boxes are converted to and from the model's convention in one place,
@@ -21,6 +22,7 @@ completion is written and scored in is the one its prompt asks for
 """
 import collections
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -28,10 +30,12 @@ import os
 import random
 import re
 import stat
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import rewards
 
@@ -83,13 +87,9 @@ def prompt_convention(sample, conv):
 
 
 def model_answer(sample, conv):
-    """The ground truth in the prompt's convention: what rewards.score compares against."""
-    a, size, conv = sample["answer"], sample["size"], prompt_convention(sample, conv)
-    if sample["task"] == "detection":
-        return [to_model(b, size, conv) for b in a]
-    if sample["task"] == "grounding":
-        return to_model(a, size, conv)
-    return a
+    """The ground truth in the prompt's convention: what the task's reward compares against."""
+    size, conv = sample["size"], prompt_convention(sample, conv)
+    return task_of(sample).boxes(sample["answer"], lambda b: to_model(b, size, conv))
 
 
 # ----------------------------------------------------------------------------
@@ -104,33 +104,18 @@ def answer_style(sample):
 
 
 def format_answer(task, value, confidences=None, style=None):
-    """The text inside <answer></answer>. The prompt's example and the ground truth
-    (rule 1) both come from here, so they share keys, quotes and spacing."""
-    style = style or {"quote": '"', "pairs": False}
-    if task == "detection":
-        if not value:
-            return "No Objects"
-        confidences = confidences or [1.0] * len(value)
-        item = "{%(q)sPosition%(q)s: [%%s], %(q)sConfidence%(q)s: %%s}" % {"q": style["quote"]}
-        return "[" + ", ".join(item % (", ".join(str(v) for v in box), c if isinstance(c, str) else f"{c:.2f}")
-                               for box, c in zip(value, confidences)) + "]"
-    if task == "grounding":
-        if style["pairs"]:
-            return "(%s,%s),(%s,%s)" % tuple(value)
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return str(value)
+    """The text inside <answer></answer>, as the task writes it. The prompt's example and the
+    ground truth (rule 1) both come from here, so they share keys, quotes and spacing."""
+    return TASKS[task].write(value, style or {"quote": '"', "pairs": False}, confidences)
 
 
 def dataset_answer(sample, conv):
     """The same answer as the dataset itself writes it: a Visual-RFT record's own solution,
-    else compact JSON (no spaces) in the prompt's coordinates, or the bare label."""
+    else the task's plain style (compact JSON, no spaces) in the prompt's coordinates."""
     if sample.get("solution"):
         own = rewards.extract_answer(sample["solution"])
         return sample["solution"].strip() if own is None else own
-    answer, compact = model_answer(sample, conv), dict(separators=(",", ":"))
-    if sample["task"] == "detection":
-        return json.dumps([{"Position": b, "Confidence": 1} for b in answer], **compact) if answer else "No Objects"
-    return json.dumps(answer, **compact) if sample["task"] == "grounding" else str(answer)
+    return task_of(sample).plain(model_answer(sample, conv))
 
 
 def gt_completion(sample, conv, align=True):
@@ -143,26 +128,20 @@ def gt_completion(sample, conv, align=True):
 
 
 def prompt_text(sample, conv):
-    """Our question, with the format it expects. A record's own question (Visual-RFT's
+    """The task's question, with the format it expects. A record's own question (Visual-RFT's
     `problem`) already carries its format and example, so it is used verbatim."""
     if sample.get("problem"):
         return sample["problem"]
-    task, coords = sample["task"], COORDS[conv.family]
-    if task == "detection":
-        example = format_answer(task, [["x1", "y1", "x2", "y2"]], ["0.90"])
-        ask = (f"Detect every {sample['query']} in the image. Give each as a bounding box "
-               f"[x1, y1, x2, y2] in {coords}, with a confidence from 0 to 1 with two decimals. "
-               f"If there is no {sample['query']}, answer No Objects.")
-    elif task == "grounding":
-        example = format_answer(task, ["x1", "y1", "x2", "y2"])
-        ask = f"Locate {sample['query']} and give its bounding box [x1, y1, x2, y2] in {coords}."
-    else:
-        example = "label"
-        classes = sample.get("classes") or []
-        ask = sample["query"]
-        if 0 < len(classes) <= 30:  # longer lists cost more prompt than they help
-            ask += " Answer with one of: " + ", ".join(classes) + "."
-    return ask + " " + THINK.format(example=example)
+    task = task_of(sample)
+    return task.ask(sample, COORDS[conv.family]) + " " + THINK.format(example=task.example)
+
+
+def score(sample, completion, answer, giou=False):
+    """Named reward components of one completion, each in [0, 1] (rewards.score): the thinking
+    format, then the answer's parts as the sample's task rewards them. `sample`: a sample, or
+    a task's name."""
+    task = TASKS[sample] if isinstance(sample, str) else task_of(sample)
+    return rewards.score(completion, lambda text: task.reward(text, answer, giou=giou))
 
 
 def messages(sample, conv):
@@ -195,14 +174,195 @@ def to_rgb(im):
     convert would turn a 16-bit PNG near-white); transparency is laid over white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         px = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        # integers: 16-bit range unless larger; floats: 0..1 unless larger; else their maximum
-        fits = px.max() <= (1.0 if im.mode == "F" else 65535.0)
-        top = (1.0 if im.mode == "F" else 65535.0) if fits else px.max()
+        # each mode's range, unless the values say otherwise: floats 0..1; 16-bit 0..65535; 32-bit
+        # integers (mode I) 0..255 when they fit it (an 8-bit image saved as 32-bit), else 0..65535;
+        # beyond the range, the image's own maximum
+        ranges = [1.0] if im.mode == "F" else [255.0, 65535.0] if im.mode == "I" else [65535.0]
+        top = next((r for r in ranges if px.max() <= r), px.max())
         im = Image.fromarray(np.clip(px / top * 255.0, 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------
+# Tasks: each one entry of TASKS, everything about it in one place
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task: what its prompt asks and shows, how its answer is written (the prompt's example
+    and the label, rule 1), where its coordinates are, how an answer is rewarded and how the
+    task is evaluated. Adding a task is one more entry in TASKS plus its reward function
+    (docs/adding-a-task.md)."""
+    ask: Callable       # (sample, coordinate wording) -> the question, before the format instruction
+    example: str        # the answer the prompt shows as its format
+    write: Callable     # (answer, style, confidences) -> the text inside <answer></answer> (rule 1)
+    plain: Callable     # answer -> the same answer in the dataset's own compact style (rule 1 off)
+    reward: Callable    # (answer text or None, answer, giou=...) -> {component: value in [0, 1]}
+    metrics: Callable   # (samples, answer texts or None, conv, info, out_dir) -> {metric: value}
+    headline: tuple     # the metrics a run prints and draws, the one it is judged by first
+    boxes: Callable = lambda answer, f: answer  # f applied to each box of an answer (coordinates)
+    make: Callable = None  # (rng, i) -> (sample fields, image size, [(colour, box)]): built-in data
+
+
+def task_of(sample):
+    """A sample's Task; an unknown one is a DataError, never another task's branch."""
+    if sample.get("task") not in TASKS:
+        raise DataError(f"{sample.get('id', 'a sample')}: unknown task {sample.get('task')!r} (known: {', '.join(TASKS)})")
+    return TASKS[sample["task"]]
+
+
+def parse_failure_rate(answers):
+    return float(np.mean([a is None or not a for a in answers]))
+
+
+# classification: a label, rewarded by exact match after normalisation
+
+def classification_question(sample, coords):
+    classes = sample.get("classes") or []
+    if 0 < len(classes) <= 30:  # longer lists cost more prompt than they help
+        return sample["query"] + " Answer with one of: " + ", ".join(classes) + "."
+    return sample["query"]
+
+
+def classification_metrics(samples, answers, conv, info=None, out_dir=None):
+    ok = [rewards.classification_reward(a, s["answer"]) for a, s in zip(answers, samples)]
+    return {"accuracy": float(np.mean(ok)), "parse_failure_rate": parse_failure_rate(answers)}
+
+
+def one_shape(rng, i):
+    """The synthetic classification prompt: what colour is the one shape (balanced classes)?"""
+    size, names = (56, 56), list(COLOURS)
+    colour = names[i % len(names)]
+    shapes = [(colour, _place(rng, size, 1, 20, 40)[0])]
+    return dict(answer=colour, query="What colour is the shape?", classes=names, colour=colour), size, shapes
+
+
+# detection: a list of boxes with confidences, or "No Objects"; rewarded by IoU and confidence
+
+def detection_question(sample, coords):
+    q = sample["query"]
+    return (f"Detect every {q} in the image. Give each as a bounding box [x1, y1, x2, y2] in {coords}, "
+            f"with a confidence from 0 to 1 with two decimals. If there is no {q}, answer No Objects.")
+
+
+def write_detections(boxes, style, confidences=None):
+    if not boxes:
+        return "No Objects"
+    confidences = confidences or [1.0] * len(boxes)
+    item = "{%(q)sPosition%(q)s: [%%s], %(q)sConfidence%(q)s: %%s}" % {"q": style["quote"]}
+    return "[" + ", ".join(item % (", ".join(str(v) for v in box), c if isinstance(c, str) else f"{c:.2f}")
+                           for box, c in zip(boxes, confidences)) + "]"
+
+
+def plain_detections(boxes):
+    return json.dumps([{"Position": b, "Confidence": 1} for b in boxes], separators=(",", ":")) if boxes else "No Objects"
+
+
+def detection_metrics(samples, answers, conv, info=None, out_dir=None):
+    """COCO mAP as Visual-RFT reports it: the mean over the evaluated categories of each
+    category's AP (IoU .50:.95, all areas, 100 detections), from pycocotools."""
+    coco = (info or {}).get("coco") or coco_from_samples(samples)
+    results, failures = [], 0
+    for a, s in zip(answers, samples):
+        boxes, confs, no_objects = rewards.parse_detections(a) if a else ([], [], False)
+        failures += not (boxes or no_objects)
+        for b, c in zip(boxes, confs):
+            x1, y1, x2, y2 = to_pixels(b, s["size"], prompt_convention(s, conv))
+            results.append({"image_id": s["image_id"], "category_id": s["category_id"],
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": c})
+    if out_dir:
+        with open(os.path.join(out_dir, "coco_results.json"), "w") as f:
+            json.dump(results, f)
+    cat_ids, img_ids = sorted({s["category_id"] for s in samples}), sorted({s["image_id"] for s in samples})
+    per_cat = {}
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            E = COCOeval(coco, coco.loadRes(results), "bbox")
+            E.params.imgIds, E.params.catIds = img_ids, cat_ids
+            E.evaluate()
+            E.accumulate()
+        prec = E.eval["precision"]                       # [IoU, recall, category, area, maxDets]
+        for k, c in enumerate(cat_ids):
+            p, p50 = prec[:, :, k, 0, -1], prec[0, :, k, 0, -1]
+            if (p > -1).any():  # -1: the category has no ground truth here
+                per_cat[coco.cats[c]["name"]] = (float(p[p > -1].mean()), float(p50[p50 > -1].mean()))
+    else:  # nothing predicted: every category with ground truth here scores 0
+        per_cat = {coco.cats[c]["name"]: (0.0, 0.0) for c in cat_ids
+                   if coco.getAnnIds(imgIds=img_ids, catIds=[c], iscrowd=False)}
+    aps = list(per_cat.values())
+    return {"mAP": 100 * float(np.mean([a for a, _ in aps])) if aps else 0.0,
+            "AP50": 100 * float(np.mean([a for _, a in aps])) if aps else 0.0,
+            "per_category": {k: 100 * v[0] for k, v in per_cat.items()},
+            "parse_failure_rate": failures / len(samples)}
+
+
+def coco_from_samples(samples):
+    """A pycocotools ground truth for samples that did not come from a COCO file."""
+    images, anns, cats = {}, [], {}
+    for s in samples:
+        images[s["image_id"]] = {"id": s["image_id"], "width": s["size"][0], "height": s["size"][1]}
+        cats[s["category_id"]] = {"id": s["category_id"], "name": s["query"]}
+        for x1, y1, x2, y2 in s["answer"]:
+            anns.append({"id": len(anns) + 1, "image_id": s["image_id"], "category_id": s["category_id"],
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    coco = COCO()
+    coco.dataset = {"images": list(images.values()), "annotations": anns, "categories": list(cats.values())}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def detection_scene(rng, i):
+    """The synthetic detection prompt: every box of one colour; every fourth asks for an absent one."""
+    size, shapes = _scene(rng)
+    names, present = list(COLOURS), i % 4 != 3
+    absent = [c for c in names if c not in dict(shapes)]
+    target = shapes[int(rng.integers(len(shapes)))][0] if present else absent[int(rng.integers(len(absent)))]
+    return (dict(answer=[b for c, b in shapes if c == target], query=f"{target} shape", image_id=i,
+                 category_id=names.index(target) + 1, colour=target), size, shapes)
+
+
+# grounding: one box; rewarded by IoU (or GIoU)
+
+def write_box(box, style, confidences=None):
+    return "(%s,%s),(%s,%s)" % tuple(box) if style["pairs"] else "[" + ", ".join(str(v) for v in box) + "]"
+
+
+def grounding_metrics(samples, answers, conv, info=None, out_dir=None):
+    boxes = [rewards.parse_box(a) if a else None for a in answers]
+    ious = [rewards.iou(to_pixels(b, s["size"], prompt_convention(s, conv)), s["answer"]) if b else 0.0
+            for b, s in zip(boxes, samples)]
+    return {"mIoU": float(np.mean(ious)), "acc@0.5": float(np.mean([v >= 0.5 for v in ious])),
+            "parse_failure_rate": float(np.mean([b is None for b in boxes]))}
+
+
+def grounding_scene(rng, i):
+    """The synthetic grounding prompt: the box of one of the shapes, named by its colour."""
+    size, shapes = _scene(rng)
+    target, box = shapes[int(rng.integers(len(shapes)))]
+    return dict(answer=box, query=f"the {target} shape", colour=target), size, shapes
+
+
+TASKS = {
+    "classification": Task(
+        ask=classification_question, example="label", write=lambda label, style, c=None: str(label), plain=str,
+        reward=lambda text, label, **_: {"accuracy": rewards.classification_reward(text, label)},
+        metrics=classification_metrics, headline=("accuracy",), make=one_shape),
+    "detection": Task(
+        ask=detection_question, example=write_detections([["x1", "y1", "x2", "y2"]], {"quote": '"'}, ["0.90"]),
+        write=write_detections, plain=plain_detections,
+        reward=lambda text, boxes, **_: dict(zip(("iou", "confidence"), rewards.detection_reward(text, boxes))),
+        metrics=detection_metrics, headline=("mAP", "AP50"),
+        boxes=lambda boxes, f: [f(b) for b in boxes], make=detection_scene),
+    "grounding": Task(
+        ask=lambda s, coords: f"Locate {s['query']} and give its bounding box [x1, y1, x2, y2] in {coords}.",
+        example=write_box(["x1", "y1", "x2", "y2"], {"pairs": False}),
+        write=write_box, plain=lambda box: json.dumps(box, separators=(",", ":")),
+        reward=lambda text, box, giou=False: {"iou": rewards.grounding_reward(text, box, giou)},
+        metrics=grounding_metrics, headline=("mIoU", "acc@0.5"), boxes=lambda box, f: f(box), make=grounding_scene),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -241,43 +401,36 @@ def _place(rng, size, n, lo, hi):
 
 
 def synthetic(task, n, seed, split="train", shift=False):
-    """n deterministic samples. Train and eval draw from disjoint seeds; `shift` is an
-    out-of-distribution variant (circles, other background) for generalisation tests."""
+    """n deterministic samples of a task's built-in data (its `make`). Train and eval draw from
+    disjoint seeds; `shift` is an out-of-distribution variant (circles, other background) for
+    generalisation tests."""
+    make = TASKS[task].make if task in TASKS else None
+    if make is None:
+        raise DataError(f"task {task!r} has no built-in synthetic data ({', '.join(t for t in TASKS if TASKS[t].make)} "
+                        f"have): pass --data" if task in TASKS else f"unknown task {task!r} (known: {', '.join(TASKS)})")
     rng = np.random.default_rng([seed, {"train": 0, "eval": 1}[split], int(shift)])
-    names, out = list(COLOURS), []
+    out = []
     for i in range(n):
-        s = {"task": task, "id": f"synthetic {split}: record {i}"}
-        if task == "classification":
-            size, colour = (56, 56), names[i % len(names)]  # balanced classes
-            shapes = [(colour, _place(rng, size, 1, 20, 40)[0])]
-            s.update(answer=colour, query="What colour is the shape?", classes=names)
-        else:
-            size = (112, 112)
-            k = int(rng.integers(1, 4))
-            shapes = list(zip(rng.choice(names, k, replace=False).tolist(), _place(rng, size, k, 20, 40)))
-            if task == "detection":
-                present = i % 4 != 3  # every fourth prompt asks for an absent colour
-                absent = [c for c in names if c not in dict(shapes)]
-                target = shapes[int(rng.integers(k))][0] if present else absent[int(rng.integers(len(absent)))]
-                s.update(answer=[b for c, b in shapes if c == target], query=f"{target} shape",
-                         image_id=i, category_id=names.index(target) + 1)
-            else:
-                target, box = shapes[int(rng.integers(k))]
-                s.update(answer=box, query=f"the {target} shape")
-        s.update(image=_draw(rng, size, shapes, shift), size=size)
-        out.append(s)
+        fields, size, shapes = make(rng, i)
+        out.append(dict(task=task, id=f"synthetic {split}: record {i}", **fields,
+                        image=_draw(rng, size, shapes, shift), size=size))
     return out
 
 
+def _scene(rng):
+    """One to three shapes of different colours in a 112x112 image: [(colour, box)]."""
+    size, names = (112, 112), list(COLOURS)
+    k = int(rng.integers(1, 4))
+    return size, list(zip(rng.choice(names, k, replace=False).tolist(), _place(rng, size, k, 20, 40)))
+
+
 def restrict(samples, colours):
-    """Synthetic samples about `colours` only (classification: the class list shrinks too)."""
+    """Synthetic samples about `colours` only (a class list shrinks too)."""
     colours = [c.strip() for c in colours]
     for c in colours:
         if c not in COLOURS:
             raise DataError(f"--categories: {c!r} is not a synthetic colour ({', '.join(COLOURS)})")
-    colour = lambda s: s["answer"] if s["task"] == "classification" else s["query"].split()[-2]
-    out = [dict(s, classes=colours) if s["task"] == "classification" else s
-           for s in samples if colour(s) in colours]
+    out = [dict(s, classes=colours) if "classes" in s else s for s in samples if s["colour"] in colours]
     if not out:
         raise DataError("--categories: no synthetic samples left")
     return out
@@ -442,11 +595,12 @@ def _read_hf(path):
 _LOOKS_LIKE_BOXES = re.compile(r"""position|[\[(]\s*["']?[-+]?\d+(?:\.\d*)?["']?\s*,|^\s*[\[{]""", re.I)
 
 
-def _parse_solution(solution, size):
-    """A Visual-RFT solution ('<answer>...</answer>', boxes in 0..1000) -> (task, pixel answer).
-    Detection lists and 'No Objects' are detection; one box, [x1, y1, x2, y2] or LISA's
+def _parse_solution(solution, size, problem):
+    """A Visual-RFT record's solution ('<answer>...</answer>', boxes in 0..1000) and problem ->
+    (task, pixel answer, query). Detection lists and 'No Objects' are detection, about the
+    category its problem names ("...the category 'dog'..."); one box, [x1, y1, x2, y2] or LISA's
     (x1,y1),(x2,y2), is grounding; anything that looks like boxes but can't be read is an
-    error, never a class label."""
+    error, never a class label. The query of the others is the problem itself."""
     text = rewards.extract_answer(solution)
     text = solution.strip() if text is None else text
     w, h = size
@@ -457,15 +611,16 @@ def _parse_solution(solution, size):
         raise DataError(f"solution {text[:80]!r}: {items - len(boxes)} of its {items} items cannot be read "
                         f"(or repeat a box)")
     if boxes or no_objects:
-        return "detection", [_check_box(to_px(b), size) for b in boxes]
+        quoted = re.search(r"""category ['"]([^'"]{1,60})['"]""", problem)
+        return "detection", [_check_box(to_px(b), size) for b in boxes], quoted.group(1) if quoted else problem
     box = rewards.parse_box(text)
     if box is not None and "position" not in text.lower():
-        return "grounding", _check_box(to_px(box), size)
+        return "grounding", _check_box(to_px(box), size), problem
     if _LOOKS_LIKE_BOXES.search(text):
         raise DataError(f"solution {text[:80]!r} looks like boxes but cannot be read")
     if not text:
         raise DataError("empty solution")
-    return "classification", text
+    return "classification", text, problem
 
 
 def _text_field(r, key):
@@ -489,10 +644,8 @@ def _record(where, r, root, classes):
     s = {"id": where, "image": image, "size": _image_size(image)}
     if "solution" in r:  # Visual-RFT: {image, problem, solution}
         solution, problem = _text_field(r, "solution"), _text_field(r, "problem")
-        task, answer = _parse_solution(solution, s["size"])
-        quoted = re.search(r"""category ['"]([^'"]{1,60})['"]""", problem)  # "...the category 'dog'..."
-        query = _text_field(r, "category") if "category" in r else \
-            quoted.group(1) if quoted and task == "detection" else problem
+        task, answer, query = _parse_solution(solution, s["size"], problem)
+        query = _text_field(r, "category") if "category" in r else query
         s.update(task=task, answer=answer, solution=solution, problem=problem, query=str(query))
     elif "bbox" in r:  # grounding: {image, expression, bbox}
         s.update(task="grounding", answer=_check_box(r["bbox"], s["size"]), query=_text_field(r, "expression"))
@@ -503,6 +656,20 @@ def _record(where, r, root, classes):
         s.update(task="classification", answer=label, query="What is the category of the main object in the image?")
     else:
         raise DataError("record needs 'solution', 'bbox' or 'label'")
+    return _learnable(s)
+
+
+def _learnable(s):
+    """A label must earn the full answer reward against itself: one that cannot (a label with no
+    letter or digit, one holding <answer> tags) would make rule 3 fire on every group, A_y = 0,
+    and nothing would be learnt from it. -> s, or a DataError saying so."""
+    conv = Convention("qwen2_vl", MIN_PIXELS, MAX_PIXELS)
+    label = gt_completion(s, conv)
+    short = {k: v for k, v in score(s, label, model_answer(s, conv)).items() if k != "think" and v < 1.0}
+    if short:
+        k, v = next(iter(short.items()))
+        raise DataError(f"its label, written {label!r:.80}, earns {k} {v:.2f} of 1 against itself: nothing could be "
+                        f"learnt from it (a label needs a letter or a digit, and no <answer> tags)")
     return s
 
 

@@ -1,12 +1,13 @@
 """
 Verifiable rewards for visual RL, after Visual-RFT (arXiv 2503.01785), hardened.
 
-    score(task, completion, answer) -> {"think": .., <accuracy parts>: ..}
+    score(completion, answer_parts) -> {"think": .., <the answer's parts>: ..}
 
-Every component lies in [0, 1]; the total reward is their sum. `answer` is the
-structured ground truth in the same coordinate convention as the completion
-(conversion lives in data.py). Whatever string the model writes, `score` returns
-finite, in-range numbers and never raises.
+Every component lies in [0, 1]. Which parts an answer has is its task's choice: data.TASKS
+maps each task to the functions here (classification_reward, detection_reward,
+grounding_reward), with the ground truth in the completion's coordinate convention
+(conversion lives in data.py). Whatever string the model writes, every reward here is
+finite, in range and never raises.
 
 Where these differ from Visual-RFT's released code, and why:
 - The answer must sit inside <answer>...</answer>; the first block is scored.
@@ -251,19 +252,11 @@ def grounding_reward(text, gt, use_giou=False):
     return (giou(box, gt) + 1.0) / 2.0 if use_giou else iou(box, gt)
 
 
-def score(task, completion, answer, giou=False):
-    """Named reward components for one completion, each in [0, 1]."""
+def score(completion, answer_parts):
+    """Named reward components for one completion, each in [0, 1]: the thinking format, then
+    `answer_parts(the text inside <answer>, or None)`, the task's own (data.TASKS)."""
     if not isinstance(completion, str):
         completion = ""
-    parts = {"think": think_reward(completion)}
-    text = extract_answer(completion)
-    if task == "detection":
-        parts["iou"], parts["confidence"] = detection_reward(text, answer)
-    elif task == "classification":
-        parts["accuracy"] = classification_reward(text, answer)
-    elif task == "grounding":
-        parts["iou"] = grounding_reward(text, answer, giou)
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    # a belt to the braces above: no reward leaves [0, 1], whatever slipped through
+    parts = {"think": think_reward(completion), **answer_parts(extract_answer(completion))}
+    # a belt to the braces of every reward: none leaves [0, 1], whatever slipped through
     return {k: min(max(v, 0.0), 1.0) if math.isfinite(v) else 0.0 for k, v in parts.items()}

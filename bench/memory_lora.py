@@ -57,7 +57,7 @@ def one(o):
                               "--lr", "1e-6", "--precision", o.precision, *SETTINGS[o.setting]])
     device = torch.device("cpu")
     model, processor, conv = visurf.load_model(o.weights, args)  # as visurf.main, from here on
-    model = visurf.add_adapters(model, args)
+    model, adapters = visurf.add_adapters(model, args)
     visurf.freeze(model, args, visurf.compute_dtype(args, device))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0, fused=True)

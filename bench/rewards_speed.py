@@ -1,6 +1,7 @@
 """
-How long rewards.score takes on long completions (issue: well under 10 ms for 4,000
-characters). Median of repeated calls, per task, on well-formed and on adversarial text.
+How long scoring a completion takes (data.score: the think format, then the task's rewards.py
+functions) on long completions (issue: well under 10 ms for 4,000 characters). Median of
+repeated calls, per task, on well-formed and on adversarial text.
 
     python bench/rewards_speed.py
 """
@@ -10,14 +11,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import rewards  # noqa: E402
+import data  # noqa: E402
 
 
 def timed(task, text, answer, reps=200):
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        rewards.score(task, text, answer)
+        data.score(task, text, answer)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e3
 

@@ -45,7 +45,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
-import rewards  # noqa: E402
 import visurf  # noqa: E402
 
 
@@ -97,7 +96,7 @@ def prompts(n, image_size, seed):
 def peak_memory_gb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)  # macOS: bytes
 
 
 def run_visurf(o, mode):
@@ -145,7 +144,7 @@ def run_trl(o, gpu_path):
 
     def reward(completions, label, **kw):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [sum(rewards.score("classification", t, a).values()) for t, a in zip(texts, label)]
+        return [sum(data.score("classification", t, a).values()) for t, a in zip(texts, label)]
 
     times = []
 
