@@ -3474,3 +3474,30 @@ def test_a_32_bit_image_holding_8_bit_values_is_read_as_8_bit(tmp_path):
     assert rgb[..., 0].max() == 255 and np.array_equal(rgb[..., 0], px.astype(np.uint8))
     wide = (px * 200).astype(np.int32)  # beyond 8 bits: 0..65535 is its range
     assert np.asarray(data.to_rgb(Image.fromarray(wide)))[..., 0].max() == int(255 * 51000 / 65535)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"]], ids=["full", "lora"])
+def test_a_bf16_visurf_run_resumes_exactly_in_fresh_processes(extra, tmp_path):
+    """Issue 32, class 3: ViSurf under bf16 autocast and the static cache (the CUDA regime), run
+    as a user runs it: 4 steps in one process, or 2 and then a resume to 4 in two fresh processes
+    (whose memory is laid out differently). Every step's loss and grad_norm, and the weights,
+    are the same to the bit. The report's difference (same loss, another grad_norm) did not
+    reproduce on the CPUs tried; docs/outputs.md says what exactness holds over."""
+    if extra:
+        pytest.importorskip("peft", reason="--lora needs peft: pip install peft")
+    base = ["--precision", "bf16", "--kv-cache", "static", "--batch-size", "4", "--group-size", "4",
+            "--shots", "2", "--eval-limit", "4", *extra]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert cli(*base, "--steps", "4", "--save-every", "2", "--output-dir", full)[0] == 0
+    assert cli(*base, "--steps", "2", "--output-dir", part)[0] == 0
+    rc, _, err = cli(*base, "--steps", "4", "--resume", os.path.join(part, "checkpoint"))
+    assert rc == 0, err
+    a, b = step_metrics(full), step_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and a[2]["gt_reward"] is not None
+    for x, y in zip(a, b):
+        for k in ("reward", "gt_reward", "gt_advantage", "loss", "grad_norm"):
+            assert x[k] == y[k], (x["step"], k)
+    from safetensors.torch import load_file
+    wa, wb = (load_file(os.path.join(d, "checkpoint", "model.safetensors")) for d in (full, part))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
