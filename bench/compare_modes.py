@@ -793,7 +793,9 @@ def report(o, defaults, folder, code, files, sets):
     md = (f"{o.steps} optimizer steps, B {o.batch_size}, G {o.group_size}, lr {o.lr}, {o.shots} images per "
           f"colour; max new tokens " + " / ".join(f"{t} ({g})" for g, t in sorted(tokens.items())) +
           f"; greedy accuracy on {o.eval_n} held-out prompts "
-          f"per set. Each run is scored by the mean of its evaluations at steps {', '.join(map(str, points))}; "
+          f"per set. Each run is scored by "
+          + (f"its evaluation at step {points[0]}; " if len(points) == 1 else
+             f"the mean of its evaluations at steps {', '.join(map(str, points))}; ") +
           f"mean ± std over seeds. Known colours: {', '.join(KNOWN)}; novel: {', '.join(NOVEL)}. Retained: the "
           f"size task (chance 1/3), never trained on here. Format: greedy colour completions written "
           f"<think>…</think><answer>…</answer>. CPU s: a run's training processes and its evaluations, which unlike "
